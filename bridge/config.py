@@ -1,0 +1,152 @@
+"""Configs as dataclasses, and the one YAML/JSON loader that fills them.
+
+The defaults ARE the offline default (a small random DINOv2 built from a config and the real
+all-MiniLM-L6-v2), so `RunConfig()` runs anywhere with no model hub. Recipes for real checkpoints live in
+`configs/*.yaml` and override only what differs. Unknown keys are an error that names the key and the
+file: a typo must never fall back silently to a default.
+
+Not here: building models from a config (vision.py, text.py, projectors.py do that).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# The offline default encoder: DINOv2's architecture at a size a 2-core machine trains against in
+# seconds. Random and frozen, it is an honest stand-in: the projector must still read colour, shape
+# and position out of its patch tokens.
+OFFLINE_DINOV2 = {
+    "model_type": "dinov2",
+    "hidden_size": 192,
+    "num_hidden_layers": 6,
+    "num_attention_heads": 3,
+    "intermediate_size": 768,
+    "patch_size": 14,
+    "image_size": 112,
+}
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the key, the value and the file."""
+
+
+@dataclass
+class EncoderConfig:
+    # Hub name ("facebook/dinov2-base") or local directory. None builds `architecture` with random
+    # weights (seeded by `seed`), the offline default.
+    name: str | None = None
+    architecture: dict[str, Any] = field(default_factory=lambda: dict(OFFLINE_DINOV2))
+    seed: int = 0
+    # None: the last layer after the final layer norm. An int indexes transformers' `hidden_states`
+    # (0 = embeddings, -1 = last block before the final norm), as LLaVA's vision_feature_layer does.
+    layer: int | None = None
+    # Square input side in pixels; None keeps the checkpoint's crop size. Must be a multiple of the
+    # patch size (position embeddings are interpolated to any such size).
+    image_size: int | None = None
+
+
+@dataclass
+class TextConfig:
+    # hf-clip | hf-siglip | open_clip | hf-encoder (any Hugging Face encoder, mean pooled)
+    kind: str = "hf-encoder"
+    name: str = "sentence-transformers/all-MiniLM-L6-v2"
+    # open_clip only: a pretrained tag ("laion2b_s34b_b79k") or a local checkpoint file.
+    pretrained: str | None = None
+    # Longest caption in tokens; None uses the tower's own context length. Longer ones are truncated.
+    max_length: int | None = None
+
+
+@dataclass
+class ProjectorConfig:
+    # A name in the projector registry: linear | mlp | attention
+    kind: str = "attention"
+    # Encoder width and text-embedding width; None takes them from the encoder and the tower. A saved
+    # bridge records both, so a projector never meets an encoder of another width unnoticed.
+    in_dim: int | None = None
+    out_dim: int | None = None
+    # Keyword arguments of that projector's constructor; checked against its signature.
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class BridgeConfig:
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+
+
+@dataclass
+class TrainConfig:
+    loss: str = "infonce"  # infonce (CLIP, learnable temperature) | siglip (sigmoid, learnable bias)
+    steps: int = 1500
+    batch_size: int = 256
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    grad_accum: int = 1
+    mixed_precision: str = "no"  # no | bf16 | fp16, passed to accelerate
+    seed: int = 0
+    # Images held out of training for evaluation during and after training: a count or a fraction.
+    held_out: float = 500
+    eval_every: int = 500
+    checkpoint_every: int = 500
+    # Frozen-feature cache directory; None puts it under the run's output directory.
+    cache_dir: str | None = None
+    num_workers: int = 0  # image decoding workers while filling the cache
+
+
+@dataclass
+class RunConfig:
+    bridge: BridgeConfig = field(default_factory=BridgeConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def from_dict(cls: type, data: dict[str, Any], source: str = "<dict>", section: str = "") -> Any:
+    """Build dataclass `cls` from nested dicts, rejecting unknown keys with the key and file named."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: section '{section or 'top level'}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known:
+            where = f"section '{section}'" if section else "the top level"
+            raise ConfigError(
+                f"unknown key '{key}' in {source} ({where}); known keys: {', '.join(sorted(known))}"
+            )
+    kwargs = {}
+    for key, value in data.items():
+        hint = hints[key]
+        inner = _dataclass_in(hint)
+        path = f"{section}.{key}" if section else key
+        kwargs[key] = from_dict(inner, value, source, path) if inner and value is not None else value
+    return cls(**kwargs)
+
+
+def _dataclass_in(hint: Any) -> type | None:
+    if dataclasses.is_dataclass(hint):
+        return hint
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return next((a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)), None)
+    return None
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def load_config(path: str | Path, cls: type = RunConfig) -> Any:
+    """Load a YAML or JSON file into `cls`; missing keys keep their defaults."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    text = path.read_text()
+    data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    return from_dict(cls, data or {}, source=str(path))

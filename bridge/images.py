@@ -1,0 +1,198 @@
+"""The one image loader: a path, bytes or PIL image in, a fully decoded, upright RGB image out.
+
+Everything in the project that reads pixels goes through `load_image`, so every caller gets the same
+answer to the awkward cases: EXIF rotation, transparency (composited on white), CMYK, 16-bit and float
+greyscale, multi-frame files (first frame), and a pixel limit checked from the header before decoding.
+A file that cannot be loaded raises `ImageLoadError` naming the file and the reason; skipping it or
+stopping is the caller's choice, and `try_load_image` serves batch callers that skip and count.
+
+Not here: resizing and normalisation (the encoder's preprocessing, vision.py), colour management
+(embedded ICC profiles are ignored, as torchvision and timm do), walking folders (`is_supported_image`
+is the filter walkers use), logging, and any change to Pillow's process-wide settings
+(`Image.MAX_IMAGE_PIXELS`, `ImageFile.LOAD_TRUNCATED_IMAGES`), which other code in the process relies on.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import BinaryIO
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps
+
+SUPPORTED_EXTENSIONS: frozenset[str] = frozenset(
+    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+)
+
+# 64 megapixels holds any ordinary photo (48 MP phones, 61 MP full-frame cameras) while bounding one
+# decoded RGB image to ~190 MB. It is also under Pillow's own bomb threshold (~89 MP), which some of its
+# decoders still consult, so under the default ours is the only limit a caller meets.
+DEFAULT_MAX_PIXELS: int = 64_000_000
+
+# The formats Pillow may parse. Restricting them keeps the parsers that see untrusted files to the few we
+# need. MPO is what many phones write for JPEG photos; Pillow reaches it through the JPEG parser.
+_FORMATS: tuple[str, ...] = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+
+# Pillow's convert() clips these to 0..255, turning every 16-bit value over 255 white, so we scale the
+# full range instead. "I" is how Pillow often holds 16-bit data, so it is read as 16-bit too; float
+# images are taken as 0..1, the convention of the editors and libraries that write them.
+_FULL_SCALE: dict[str, float] = {**dict.fromkeys(("I;16", "I;16B", "I;16L", "I;16N", "I"), 65535.0), "F": 1.0}
+
+
+class ImageLoadError(ValueError):
+    """One image that could not be loaded: `path` as the caller gave it, `reason` a short human phrase."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"image {path!r}: {reason}")
+        self.path = path
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[type[ImageLoadError], tuple[str, str]]:
+        # The default pickling calls ImageLoadError(message) and fails; worker processes pickle errors.
+        return ImageLoadError, (self.path, self.reason)
+
+
+def is_supported_image(path: str | os.PathLike[str]) -> bool:
+    """Whether `path` has a supported image extension (case-insensitive). Nothing is opened: this is the
+    filter for folder walkers, while `load_image` goes by content whatever the name."""
+    return os.path.splitext(os.fspath(path))[1].lower() in SUPPORTED_EXTENSIONS
+
+
+def load_image(
+    source: str | os.PathLike[str] | bytes | Image.Image, *, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> Image.Image:
+    """A fully decoded RGB image (mode "RGB") from a path, the bytes of a file, or a PIL image.
+
+    Raises `ImageLoadError` for anything that cannot be loaded, including images over `max_pixels`
+    (width * height, read from the header before decoding). Errors name the path as given, "<bytes>" for
+    bytes, or the PIL image's filename. A PIL image skips the file and format checks but gets the same
+    limit, rotation and mode rules; it is never modified in place.
+    """
+    if max_pixels < 1:
+        raise ValueError(f"max_pixels must be a positive number of pixels, got {max_pixels}")
+    if isinstance(source, Image.Image):
+        return _decode(source, getattr(source, "filename", "") or "<PIL.Image>", max_pixels)
+    if isinstance(source, (bytes, bytearray)):
+        return _load_stream(io.BytesIO(source), "<bytes>", max_pixels)
+    if isinstance(source, (str, os.PathLike)):
+        path = str(source)
+        with _open_file(path) as file:
+            return _load_stream(file, path, max_pixels)
+    raise TypeError(
+        f"load_image takes a path, bytes or a PIL.Image.Image, got {type(source).__name__}; "
+        "for an open file pass file.read()"
+    )
+
+
+def try_load_image(
+    source: str | os.PathLike[str] | bytes | Image.Image, *, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[Image.Image | None, ImageLoadError | None]:
+    """`load_image` for batch callers that skip and count bad files: (image, None) or (None, error)."""
+    try:
+        return load_image(source, max_pixels=max_pixels), None
+    except ImageLoadError as err:
+        return None, err
+
+
+def _open_file(path: str) -> BinaryIO:
+    try:
+        return open(path, "rb")
+    except FileNotFoundError as err:
+        if os.path.islink(path):
+            raise ImageLoadError(path, f"broken symbolic link to {os.readlink(path)!r}") from err
+        raise ImageLoadError(path, "no such file") from err
+    except IsADirectoryError as err:
+        raise ImageLoadError(path, "is a directory, not a file") from err
+    except PermissionError as err:
+        raise ImageLoadError(path, "permission denied") from err
+    except OSError as err:
+        raise ImageLoadError(path, f"cannot read the file ({err.strerror or err})") from err
+
+
+def _load_stream(stream: BinaryIO, name: str, max_pixels: int) -> Image.Image:
+    head = stream.read(16)  # what Pillow's format checks look at
+    if not head:
+        raise ImageLoadError(name, "empty file (0 bytes)")
+    image = _parse_header(stream, head, name)
+    if image.format not in _FORMATS:  # a parser may hand back another format than its own (JPEG gives MPO)
+        raise ImageLoadError(name, f"unsupported format {image.format!r}")
+    return _decode(image, name, max_pixels)
+
+
+def _parse_header(stream: BinaryIO, head: bytes, name: str) -> ImageFile.ImageFile:
+    """Image.open(stream, formats=_FORMATS) without Pillow's process-wide size check.
+
+    Image.open compares the size with Image.MAX_IMAGE_PIXELS before returning: it warns, or raises without
+    saying the width and height, and `max_pixels` could never be raised past it. Calling the registered
+    parsers that Image.open calls reads the same header lazily and leaves the limit to `_decode`.
+    """
+    Image.init()  # registers every parser on the first call, returns at once after
+    for fmt in _FORMATS:
+        if fmt not in Image.OPEN or not _matches(Image.OPEN[fmt][1], head):
+            continue
+        stream.seek(0)
+        try:
+            return Image.OPEN[fmt][0](stream, name)
+        except Exception as err:  # the magic bytes matched, so any parser error means a broken file
+            raise ImageLoadError(name, _failure_reason(err, f"corrupt or truncated {fmt} header")) from err
+    other = next((fmt for fmt, (_, accept) in Image.OPEN.items() if _matches(accept, head)), None)
+    if other is not None:
+        raise ImageLoadError(name, f"unsupported format {other!r} (supported: {', '.join(_FORMATS)})")
+    raise ImageLoadError(name, "not an image (Pillow cannot identify it)")
+
+
+def _matches(accept: object, head: bytes) -> bool:
+    # A plugin's magic-byte check returns a bool, or a string for "maybe, with a warning", which we treat as
+    # no; it may also trip over a short file. A plugin without one would claim any file.
+    try:
+        result = callable(accept) and accept(head)
+    except Exception:
+        return False
+    return bool(result) and not isinstance(result, str)
+
+
+def _decode(image: Image.Image, name: str, max_pixels: int) -> Image.Image:
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageLoadError(
+            name,
+            f"too large: {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,}; "
+            f"pass max_pixels={width * height:_} or more to allow it",
+        )
+    try:
+        image.getexif()  # before decoding: a multi-page TIFF drops its file once loaded (Pillow 10.0)
+        image.load()  # the first frame only; a truncated file fails here, not later in a worker
+        image = ImageOps.exif_transpose(image)  # a copy, upright, free of the open file
+    except Exception as err:  # Pillow's decoders raise OSError, SyntaxError, ValueError, EOFError, ...
+        raise ImageLoadError(name, _failure_reason(err, "corrupt image data")) from err
+    return _to_rgb(image, name)
+
+
+def _failure_reason(err: Exception, otherwise: str) -> str:
+    if isinstance(err, Image.DecompressionBombError):
+        return f"over Pillow's own limit Image.MAX_IMAGE_PIXELS ({err})"
+    if "truncated" in str(err).lower():
+        return f"truncated file ({err})"
+    return f"{otherwise} ({type(err).__name__}: {err})"
+
+
+def _to_rgb(image: Image.Image, name: str) -> Image.Image:
+    if image.mode in _FULL_SCALE:
+        values = np.nan_to_num(np.asarray(image, dtype=np.float64)) * (255 / _FULL_SCALE[image.mode])
+        image = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))
+    try:
+        if _has_transparency(image):
+            white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+            return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
+        return image.convert("RGB")
+    except ValueError as err:  # a mode Pillow cannot convert, such as premultiplied "La"
+        raise ImageLoadError(name, f"unsupported pixel mode {image.mode!r} ({err})") from err
+
+
+def _has_transparency(image: Image.Image) -> bool:
+    # Image.has_transparency_data, which Pillow only has from 10.1: an alpha band, a palette with alpha,
+    # or a transparent colour or palette index in info.
+    if image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in image.info:
+        return True
+    return image.mode == "P" and image.palette is not None and image.palette.mode.endswith("A")

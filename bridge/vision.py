@@ -1,0 +1,269 @@
+"""The frozen vision encoder: DINOv2, DINOv2 with registers and DINOv3, through transformers.
+
+It turns pixels into `VisionFeatures` (CLS, register and patch tokens with the patch grid) and carries
+the preprocessing its checkpoint expects. It is frozen for certain: no parameter requires grad, and
+`train()` cannot take it out of eval mode, so dropout and drop-path never fire under a projector's
+training loop.
+
+Not here: image file loading (images.py) or anything trainable (projectors.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from PIL import Image
+from torch import nn
+
+from bridge.config import ConfigError, EncoderConfig
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# model_type -> the transformers class; all three share the [CLS, registers..., patches...] layout.
+ENCODER_CLASSES = {
+    "dinov2": transformers.Dinov2Model,
+    "dinov2_with_registers": transformers.Dinov2WithRegistersModel,
+    "dinov3_vit": transformers.DINOv3ViTModel,
+}
+
+
+@dataclass
+class VisionFeatures:
+    """Encoder tokens for a batch. Shapes: cls (B, D), registers (B, R, D), patches (B, h*w, D)."""
+
+    cls: torch.Tensor
+    registers: torch.Tensor
+    patches: torch.Tensor
+    grid_hw: tuple[int, int]
+    layer: int | None  # None: last layer after the final norm; else a `hidden_states` index
+
+    def to(self, *args, **kwargs) -> VisionFeatures:
+        return VisionFeatures(
+            self.cls.to(*args, **kwargs),
+            self.registers.to(*args, **kwargs),
+            self.patches.to(*args, **kwargs),
+            self.grid_hw,
+            self.layer,
+        )
+
+    def __getitem__(self, index) -> VisionFeatures:
+        return VisionFeatures(
+            self.cls[index], self.registers[index], self.patches[index], self.grid_hw, self.layer
+        )
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """What the checkpoint's image processor does, reduced to the parts that matter for a ViT."""
+
+    image_size: int  # square side fed to the encoder
+    # Shortest edge after resizing, before the centre crop (DINOv2: 256 for a 224 crop). None resizes
+    # straight to image_size x image_size, as DINOv3's processor does.
+    resize_shortest_edge: int | None
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def with_image_size(self, image_size: int) -> Preprocessing:
+        resize = self.resize_shortest_edge
+        if resize is not None:  # keep the checkpoint's resize/crop ratio (256/224 for DINOv2)
+            resize = round(resize * image_size / self.image_size)
+        return Preprocessing(image_size, resize, self.mean, self.std)
+
+    def __call__(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """RGB PIL images -> normalised pixel values (B, 3, S, S)."""
+        side = self.image_size
+        arrays = []
+        for image in images:
+            if self.resize_shortest_edge is None:
+                image = image.resize((side, side), Image.BICUBIC)
+            else:
+                scale = self.resize_shortest_edge / min(image.size)
+                w, h = (max(side, round(d * scale)) for d in image.size)
+                if (w, h) != image.size:
+                    image = image.resize((w, h), Image.BICUBIC)
+                left, top = (w - side) // 2, (h - side) // 2
+                image = image.crop((left, top, left + side, top + side))
+            arrays.append(np.asarray(image, dtype=np.uint8))
+        pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255)
+        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.std).view(1, 3, 1, 1)
+        return (pixels - mean) / std
+
+
+class FrozenEncoder(nn.Module):
+    """A frozen DINOv2/DINOv3 returning `VisionFeatures`. Build with `FrozenEncoder.from_config`."""
+
+    def __init__(self, model: nn.Module, preprocessing: Preprocessing, layer: int | None = None):
+        super().__init__()
+        self.model = model
+        self.preprocessing = preprocessing
+        self.layer = layer
+        config = model.config
+        self.hidden_size: int = config.hidden_size
+        self.patch_size: int = config.patch_size
+        self.num_registers: int = getattr(config, "num_register_tokens", 0) or 0
+        depth = config.num_hidden_layers
+        if layer is not None and not -(depth + 1) <= layer <= depth:
+            raise ConfigError(
+                f"encoder layer {layer} does not exist: hidden_states has {depth + 1} entries "
+                f"(0 = embeddings .. {depth}); choose one in [-{depth + 1}, {depth}] or null for the last"
+            )
+        if preprocessing.image_size % self.patch_size:
+            raise ConfigError(
+                f"image size {preprocessing.image_size} is not a multiple of the patch size "
+                f"{self.patch_size}; use {preprocessing.image_size // self.patch_size * self.patch_size}"
+            )
+        self.requires_grad_(False)
+        self.eval()
+        self._fingerprint: str | None = None
+
+    @classmethod
+    def from_config(cls, config: EncoderConfig) -> FrozenEncoder:
+        if config.name is None:
+            model, preprocessing = _build_random(config)
+        else:
+            model, preprocessing = _load_pretrained(config.name)
+        if config.image_size is not None:
+            preprocessing = preprocessing.with_image_size(config.image_size)
+        return cls(model, preprocessing, config.layer)
+
+    def train(self, mode: bool = True) -> FrozenEncoder:
+        # Frozen means frozen: a parent module's .train() must not switch on dropout or drop-path here.
+        return super().train(False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def grid_hw(self) -> tuple[int, int]:
+        side = self.preprocessing.image_size // self.patch_size
+        return (side, side)
+
+    @torch.no_grad()
+    def forward(self, pixel_values: torch.Tensor) -> VisionFeatures:
+        """pixel_values (B, 3, H, W), H and W multiples of the patch size -> VisionFeatures."""
+        height, width = pixel_values.shape[-2:]
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(
+                f"pixel size {height}x{width} is not a multiple of the patch size {self.patch_size}"
+            )
+        pixel_values = pixel_values.to(self.device, next(self.model.parameters()).dtype)
+        if self.layer is None:
+            tokens = self.model(pixel_values=pixel_values).last_hidden_state
+        else:
+            outputs = self.model(pixel_values=pixel_values, output_hidden_states=True)
+            tokens = outputs.hidden_states[self.layer]
+        prefix = 1 + self.num_registers
+        return VisionFeatures(
+            cls=tokens[:, 0],
+            registers=tokens[:, 1:prefix],
+            patches=tokens[:, prefix:],
+            grid_hw=(height // self.patch_size, width // self.patch_size),
+            layer=self.layer,
+        )
+
+    def encode(self, images: Sequence[Image.Image], batch_size: int = 64) -> VisionFeatures:
+        """RGB PIL images -> VisionFeatures on the CPU, in batches."""
+        parts = [
+            self(self.preprocessing(images[i : i + batch_size])).to("cpu")
+            for i in range(0, len(images), batch_size)
+        ]
+        return VisionFeatures(
+            torch.cat([p.cls for p in parts]),
+            torch.cat([p.registers for p in parts]),
+            torch.cat([p.patches for p in parts]),
+            parts[0].grid_hw,
+            self.layer,
+        )
+
+    def fingerprint(self) -> str:
+        """A hash of everything that changes the features: class, config, weights, layer, preprocessing.
+
+        Keys the feature cache and the image index, so features of two encoders never mix.
+        """
+        if self._fingerprint is None:
+            digest = hashlib.sha256()
+            digest.update(type(self.model).__name__.encode())
+            digest.update(self.model.config.to_json_string(use_diff=True).encode())
+            digest.update(json.dumps([self.layer, asdict(self.preprocessing)]).encode())
+            for name, tensor in sorted(self.model.state_dict().items()):
+                digest.update(name.encode())
+                digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+            self._fingerprint = digest.hexdigest()[:16]
+        return self._fingerprint
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write the encoder in transformers' format, with a preprocessor_config.json that reloads it."""
+        directory = Path(directory)
+        self.model.save_pretrained(directory)
+        prep = self.preprocessing
+        processor = {
+            "image_processor_type": "BitImageProcessor",
+            "do_resize": True,
+            "do_center_crop": prep.resize_shortest_edge is not None,
+            "size": {"shortest_edge": prep.resize_shortest_edge}
+            if prep.resize_shortest_edge
+            else {"height": prep.image_size, "width": prep.image_size},
+            "crop_size": {"height": prep.image_size, "width": prep.image_size},
+            "image_mean": list(prep.mean),
+            "image_std": list(prep.std),
+            "resample": 3,
+            "do_rescale": True,
+            "rescale_factor": 1 / 255,
+            "do_normalize": True,
+        }
+        (directory / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
+
+
+def _build_random(config: EncoderConfig) -> tuple[nn.Module, Preprocessing]:
+    architecture = dict(config.architecture)
+    model_type = architecture.pop("model_type", "dinov2")
+    model_class = _encoder_class(model_type, "encoder.architecture.model_type")
+    torch.manual_seed(config.seed)
+    model = model_class(model_class.config_class(**architecture))
+    size = model.config.image_size
+    return model, Preprocessing(image_size=size, resize_shortest_edge=None)
+
+
+def _load_pretrained(name: str) -> tuple[nn.Module, Preprocessing]:
+    model_config = transformers.AutoConfig.from_pretrained(name)
+    model_class = _encoder_class(model_config.model_type, f"the encoder '{name}'")
+    model = model_class.from_pretrained(name, attn_implementation="sdpa")
+    return model, _checkpoint_preprocessing(name, model.config)
+
+
+def _encoder_class(model_type: str, what: str) -> type:
+    if model_type not in ENCODER_CLASSES:
+        raise ConfigError(
+            f"{what} is a '{model_type}' model; dinobridge encoders are {', '.join(ENCODER_CLASSES)}"
+        )
+    return ENCODER_CLASSES[model_type]
+
+
+def _checkpoint_preprocessing(name: str, model_config) -> Preprocessing:
+    """Read the checkpoint's preprocessor_config.json; fall back to ImageNet stats at its image size."""
+    try:
+        processor = transformers.AutoImageProcessor.from_pretrained(name)
+    except (OSError, ValueError):
+        log.warning("'%s' has no preprocessor_config.json; using ImageNet mean/std", name)
+        return Preprocessing(image_size=model_config.image_size, resize_shortest_edge=None)
+    size, crop = getattr(processor, "size", None) or {}, getattr(processor, "crop_size", None) or {}
+    size, crop = dict(size), dict(crop)
+    mean = tuple(getattr(processor, "image_mean", None) or IMAGENET_MEAN)
+    std = tuple(getattr(processor, "image_std", None) or IMAGENET_STD)
+    if getattr(processor, "do_center_crop", False) and crop:
+        return Preprocessing(crop["height"], size.get("shortest_edge", crop["height"]), mean, std)
+    side = size.get("height") or size.get("shortest_edge") or model_config.image_size
+    return Preprocessing(side, None, mean, std)
