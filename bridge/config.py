@@ -86,11 +86,11 @@ class BridgeConfig:
 @dataclass
 class TrainConfig:
     loss: str = "infonce"  # infonce (CLIP, learnable temperature) | siglip (sigmoid, learnable bias)
-    steps: int = 1500
+    steps: int = 1000
     batch_size: int = 256
     lr: float = 2e-3
     weight_decay: float = 0.05
-    warmup_steps: int = 100
+    warmup_steps: int = 50
     grad_accum: int = 1
     mixed_precision: str = "no"  # no | bf16 | fp16, passed to accelerate
     seed: int = 0

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from bridge.config import BridgeConfig, ConfigError, from_dict, to_dict
+from bridge.fingerprint import fingerprint
 from bridge.projectors import build_projector
 from bridge.text import TextTower, build_text_tower
 from bridge.vision import FrozenEncoder, VisionFeatures
@@ -74,14 +75,16 @@ class TextBridge(nn.Module):
             images = [images]
         return self.encoder(self.encoder.preprocessing(list(images)))
 
-    def project(self, images: ImageInput) -> tuple[torch.Tensor, torch.Tensor]:
-        """Unnormalised (global (B, E), patches (B, N, E)) embeddings; training uses this."""
+    def project(
+        self, images: ImageInput, with_patches: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Unnormalised (global (B, E), patches (B, N, E) or None) embeddings."""
         features = self.features(images)
-        return self.projector(features.to(dtype=_param_dtype(self.projector)))
+        return self.projector(features.to(dtype=_param_dtype(self.projector)), with_patches=with_patches)
 
     def encode_image(self, images: ImageInput, normalize: bool = True) -> torch.Tensor:
         """Images (or their cached features) -> (B, E) image embeddings in the text space."""
-        embedding, _ = self.project(images)
+        embedding, _ = self.project(images, with_patches=False)
         return F.normalize(embedding, dim=-1) if normalize else embedding
 
     def encode_image_patches(self, images: ImageInput, normalize: bool = True) -> torch.Tensor:
@@ -99,18 +102,28 @@ class TextBridge(nn.Module):
         """(B images, T texts) cosine similarities."""
         return self.encode_image(images) @ self.encode_text(texts).T
 
+    def fingerprint(self) -> str:
+        """A hash of what decides the embeddings: encoder, tower and projector weights.
+
+        An image index stores it and refuses queries from a bridge with another one.
+        """
+        # The tower's weights are hashed below; of its config only what changes outputs, not its path.
+        text = json.dumps([self.config.text.kind, self.config.text.max_length])
+        return fingerprint(nn.ModuleList([self.tower, self.projector]), self.encoder.fingerprint(), text)
+
     def save_pretrained(self, directory: str | Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         config = from_dict(BridgeConfig, to_dict(self.config))
+        for part, attribute in ((config.encoder, "name"), (config.text, "name"), (config.text, "pretrained")):
+            value = getattr(part, attribute)
+            if value and Path(value).exists():
+                setattr(part, attribute, str(Path(value).resolve()))  # a local path survives a move
         if config.encoder.name is None:
             # A random encoder built from a config exists nowhere else: keep its exact weights.
             self.encoder.save_pretrained(directory / ENCODER_DIR)
             config.encoder.name = ENCODER_DIR
             config.encoder.image_size = None  # the saved preprocessor config already has it
-        for part in (config.encoder, config.text):
-            if part.name and part.name != ENCODER_DIR and Path(part.name).exists():
-                part.name = str(Path(part.name).resolve())  # a local path survives moving the bridge
         (directory / CONFIG_FILE).write_text(json.dumps({"bridge": to_dict(config)}, indent=2) + "\n")
         weights = {f"projector.{k}": v.contiguous() for k, v in self.projector.state_dict().items()}
         weights["logit_scale"] = self.logit_scale.detach()
@@ -133,7 +146,9 @@ class TextBridge(nn.Module):
     def load_weights(self, path: str | Path) -> None:
         """Load projector weights, temperature and bias from a safetensors file; never unpickles."""
         weights = read_safetensors(path)
-        projector = {k.removeprefix("projector."): v for k, v in weights.items() if k.startswith("projector.")}
+        projector = {
+            k.removeprefix("projector."): v for k, v in weights.items() if k.startswith("projector.")
+        }
         self.projector.load_state_dict(projector, strict=True)
         with torch.no_grad():
             self.logit_scale.copy_(weights["logit_scale"])

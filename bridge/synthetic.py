@@ -63,6 +63,12 @@ class Scene:
     background: tuple[int, int, int]
     image_size: int
     noise_seed: int
+    key: str  # names the scene uniquely across worlds, e.g. for feature caches: "synthetic/0/112/42"
+
+    @property
+    def description(self) -> tuple:
+        """What a caption says about the scene, order-free: scenes with equal descriptions look alike."""
+        return tuple(sorted((o.size, o.colour, o.shape, o.position) for o in self.objects))
 
     def render(self) -> Image.Image:
         """The RGB image: shapes in order over a grey background with mild noise."""
@@ -156,10 +162,22 @@ class SyntheticWorld:
                 )
             )
         grey = int(rng.integers(110, 170))
-        return Scene(tuple(objects), (grey, grey, grey), size, int(rng.integers(2**31)))
+        key = f"synthetic/{self.seed}/{size}/{index}"
+        return Scene(tuple(objects), (grey, grey, grey), size, int(rng.integers(2**31)), key)
 
-    def scenes(self, start: int, count: int) -> list[Scene]:
-        return [self.scene(i) for i in range(start, start + count)]
+    def scenes(self, start: int, count: int, distinct: bool = False) -> list[Scene]:
+        """`count` scenes from index `start` on. With `distinct`, scenes whose description repeats an
+        earlier one are passed over, so each caption has exactly one right image (evaluation galleries).
+        """
+        scenes, seen, index = [], set(), start
+        while len(scenes) < count:
+            scene = self.scene(index)
+            index += 1
+            if distinct and scene.description in seen:
+                continue
+            seen.add(scene.description)
+            scenes.append(scene)
+        return scenes
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, obj: SceneObject, fill) -> None:

@@ -52,7 +52,9 @@ def register_tower(kind: str):
 
 def build_text_tower(config: TextConfig) -> TextTower:
     if config.kind not in TOWERS:
-        raise ConfigError(f"unknown text tower kind '{config.kind}'; known kinds: {', '.join(sorted(TOWERS))}")
+        raise ConfigError(
+            f"unknown text tower kind '{config.kind}'; known kinds: {', '.join(sorted(TOWERS))}"
+        )
     return TOWERS[config.kind](config)
 
 
@@ -100,7 +102,10 @@ class _HFTokenizedTower(TextTower):
         path = resolve_model_name(name)
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
         self.model = model_class.from_pretrained(path).eval().requires_grad_(False)
-        limits = [self.tokenizer.model_max_length, getattr(self.model.config, "max_position_embeddings", None)]
+        limits = [
+            self.tokenizer.model_max_length,
+            getattr(self.model.config, "max_position_embeddings", None),
+        ]
         limits = [n for n in limits if isinstance(n, int) and n < 100_000]
         self.context_length = min([self.config.max_length or 10**9, *limits])
 
@@ -146,7 +151,9 @@ class HFSigLIPTower(_HFTokenizedTower):
     def __init__(self, config: TextConfig):
         super().__init__(config)
         self._load(transformers.SiglipTextModel, config.name)
-        self.embed_dim = self.model.config.hidden_size
+        # The pooled output leaves through the text head, whose width is projection_size (equal to
+        # hidden_size in most checkpoints, but not in all; older configs have no projection_size).
+        self.embed_dim = getattr(self.model.config, "projection_size", None) or self.model.config.hidden_size
 
     def _encode_batch(self, texts: list[str]) -> torch.Tensor:
         batch = self._tokenize(texts)
@@ -173,15 +180,26 @@ class OpenCLIPTower(TextTower):
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = open_clip.get_tokenizer(config.name)
         self.context_length = min(config.max_length or 10**9, model.context_length)
+        # The model itself always runs at its full context (its positional embedding and causal mask have
+        # that length): a shorter max_length cuts the caption, then pads it with the tokenizer's pad id,
+        # read off an empty caption since open_clip's tokenizers do not all pad with 0.
+        self._model_context = model.context_length
+        self._pad_id = int(self.tokenizer([""], context_length=model.context_length)[0, -1])
         # open_clip's model families keep the output width in different places; asking is exact for all.
         with torch.no_grad():
-            self.embed_dim = model.encode_text(self.tokenizer(["a"], context_length=self.context_length)).shape[-1]
+            self.embed_dim = model.encode_text(self._tokenize(["a"])).shape[-1]
+
+    def _tokenize(self, texts: list[str]) -> torch.Tensor:
+        tokens = self.tokenizer(texts, context_length=self.context_length)
+        if self.context_length < self._model_context:
+            padded = torch.full((len(texts), self._model_context), self._pad_id, dtype=tokens.dtype)
+            padded[:, : self.context_length] = tokens
+            tokens = padded
+        return tokens
 
     def _encode_batch(self, texts: list[str]) -> torch.Tensor:
         # One token more than the context tells whether a caption had to be cut: the slot past the end
         # holds a real token only when the caption did not fit.
         longer = self.tokenizer(texts, context_length=self.context_length + 1)
-        self.truncated += int((longer[:, self.context_length] != 0).sum())
-        tokens = self.tokenizer(texts, context_length=self.context_length).to(self.device)
-        return self.model.encode_text(tokens)
-
+        self.truncated += int((longer[:, self.context_length] != self._pad_id).sum())
+        return self.model.encode_text(self._tokenize(texts).to(self.device))

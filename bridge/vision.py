@@ -196,8 +196,15 @@ class FrozenEncoder(nn.Module):
         if self._fingerprint is None:
             digest = hashlib.sha256()
             digest.update(type(self.model).__name__.encode())
-            digest.update(self.model.config.to_json_string(use_diff=True).encode())
-            digest.update(json.dumps([self.layer, asdict(self.preprocessing)]).encode())
+            # Only what changes the features: save_pretrained adds `architectures` and `dtype` to the
+            # config and the transformers version is no property of the model, so none of them count
+            # (the parameters' dtype does, hashed below), or a reloaded encoder would not match itself.
+            config = self.model.config.to_diff_dict()
+            for key in ("architectures", "dtype", "torch_dtype", "transformers_version", "_name_or_path"):
+                config.pop(key, None)
+            digest.update(json.dumps(config, sort_keys=True).encode())
+            dtype = str(next(self.model.parameters()).dtype)
+            digest.update(json.dumps([self.layer, asdict(self.preprocessing), dtype]).encode())
             for name, tensor in sorted(self.model.state_dict().items()):
                 digest.update(name.encode())
                 digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())

@@ -1,0 +1,169 @@
+"""The `dinobridge` command: one entry point, one sub-command per job.
+
+Commands that train import `training` lazily, inside their handler: the library itself never depends
+on the training package, and `dinobridge search` starts without loading it. This is the one place in
+the project that prints; everything else logs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from bridge.config import ConfigError, RunConfig, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s"
+    )
+    try:
+        return args.handler(args) or 0
+    except (ConfigError, ValueError, FileNotFoundError) as error:
+        print(f"dinobridge {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dinobridge", description="Language on top of a frozen DINOv2.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="train and compare two bridges on the offline default")
+    demo.add_argument("--out", default="demo-out", help="output directory (default: demo-out)")
+    demo.add_argument("--scenes", type=int, default=10_000, help="synthetic training scenes (default: 10000)")
+    demo.set_defaults(handler=_demo)
+
+    train = commands.add_parser("train", help="train a text bridge on image-caption pairs")
+    train.add_argument("--config", help="YAML config (default: the offline default)")
+    train.add_argument(
+        "--data", required=True, help="pairs.jsonl, pairs.csv, COCO captions .json or synthetic:N"
+    )
+    train.add_argument("--image-root", help="folder image paths are relative to (default: the data file's)")
+    train.add_argument("--out", required=True, help="directory for the bridge, checkpoints and logs")
+    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    train.add_argument("--steps", type=int, help="override train.steps")
+    train.set_defaults(handler=_train)
+
+    evaluate = commands.add_parser("eval", help="evaluate a saved bridge")
+    tasks = evaluate.add_subparsers(dest="task", required=True)
+    retrieval = tasks.add_parser("retrieval", help="text<->image recall@1/5/10 on image-caption pairs")
+    retrieval.add_argument("--model", required=True, help="a saved bridge directory")
+    retrieval.add_argument("--data", required=True, help="pairs.jsonl, pairs.csv, COCO .json or synthetic:N")
+    retrieval.add_argument("--image-root")
+    retrieval.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    retrieval.set_defaults(handler=_eval_retrieval)
+    zeroshot = tasks.add_parser("zeroshot", help="zero-shot classification on an ImageFolder layout")
+    zeroshot.add_argument("--model", required=True, help="a saved bridge directory")
+    zeroshot.add_argument("--data", required=True, help="root/<class name>/<image>")
+    zeroshot.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    zeroshot.set_defaults(handler=_eval_zeroshot)
+    return parser
+
+
+def _demo(args) -> int:
+    from training.demo import run_demo
+
+    result = run_demo(args.out, train_scenes=args.scenes)
+    print(f"\ndinobridge demo: offline default, {args.scenes} synthetic training scenes")
+    print(f"held-out gallery: {result.held_out} scenes, each with its own captions as queries\n")
+    print(f"{'projector':<24}{'text->image R@1/5/10':<24}image->text R@1/5/10")
+    for name, run in result.results.items():
+        print(
+            f"{name:<24}{_recalls(run.metrics, 'text_to_image'):<24}{_recalls(run.metrics, 'image_to_text')}"
+        )
+    print(f"\ntop-5 images for a few captions: {result.picture}")
+    print(f"trained bridge: {result.bridge_dir}  ({result.seconds:.0f} s in all)")
+    return 0
+
+
+def _train(args) -> int:
+    from training.align import train_text_bridge
+
+    config = load_config(args.config) if args.config else RunConfig()
+    if args.steps is not None:
+        config.train.steps = args.steps
+    _, result = train_text_bridge(config, args.data, args.out, resume=args.resume, image_root=args.image_root)
+    if result.skipped:
+        print(f"skipped {len(result.skipped)} unreadable images:")
+        for origin, reason in result.skipped:
+            print(f"  {origin}: {reason}")
+    print(f"held-out text->image R@1/5/10 {_recalls(result.metrics, 'text_to_image')}")
+    print(f"held-out image->text R@1/5/10 {_recalls(result.metrics, 'image_to_text')}")
+    print(f"saved the bridge to {args.out}")
+    return 0
+
+
+def _eval_retrieval(args) -> int:
+    from bridge.model import TextBridge
+    from training.align import CaptionedFeatures, evaluate_alignment
+    from training.cache import FeatureCache, TextCache
+    from training.data import load_pairs
+
+    bridge = TextBridge.from_pretrained(args.model)
+    pairs = load_pairs(args.data, args.image_root)
+    cache_dir = Path(args.model) / "cache"
+    features = FeatureCache(cache_dir, bridge.encoder).features(pairs)
+    metrics = evaluate_alignment(
+        bridge, CaptionedFeatures.build(features, TextCache(cache_dir, bridge.tower))
+    )
+    metrics = {"images": len(features), "skipped": len(features.failures), **metrics}
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        print(f"{len(features)} images ({len(features.failures)} unreadable, skipped)")
+        print(f"text->image R@1/5/10 {_recalls(metrics, 'text_to_image')}")
+        print(f"image->text R@1/5/10 {_recalls(metrics, 'image_to_text')}")
+    return 0
+
+
+def _eval_zeroshot(args) -> int:
+    import torch
+
+    from bridge.images import try_load_image
+    from bridge.model import TextBridge
+    from training.data import load_image_folder
+    from training.evaluate import PROMPT_TEMPLATES, zeroshot_accuracy
+
+    bridge = TextBridge.from_pretrained(args.model)
+    paths, labels, class_names = load_image_folder(args.data)
+    embeddings, kept, skipped = [], [], []
+    for start in range(0, len(paths), 64):
+        images = []
+        for index in range(start, min(start + 64, len(paths))):
+            image, error = try_load_image(paths[index])
+            if error:
+                skipped.append(str(error))
+            else:
+                images.append(image)
+                kept.append(labels[index])
+        if images:
+            embeddings.append(bridge.encode_image(images).detach())
+    if not embeddings:
+        raise ValueError(f"no image under '{args.data}' could be read; see the skipped files above")
+    prompts = [template.format(name) for name in class_names for template in PROMPT_TEMPLATES]
+    classes = bridge.encode_text(prompts).view(len(class_names), len(PROMPT_TEMPLATES), -1).mean(1)
+    metrics = zeroshot_accuracy(torch.cat(embeddings), torch.nn.functional.normalize(classes, dim=-1), kept)
+    metrics = {"images": len(kept), "classes": len(class_names), "skipped": len(skipped), **metrics}
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        for message in skipped:
+            print(f"skipped {message}")
+        print(
+            f"{len(kept)} images, {len(class_names)} classes: top-1 {metrics['top1']:.3f}, top-5 {metrics['top5']:.3f}"
+        )
+    return 0
+
+
+def _recalls(metrics: dict[str, float], direction: str) -> str:
+    return " / ".join(f"{metrics[f'{direction}_R@{k}']:.3f}" for k in (1, 5, 10))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,306 @@
+"""Text-route training: fit a bridge's projector to a frozen text tower on image-caption pairs.
+
+The encoder and the tower are frozen, so their outputs are computed once (training/cache.py) and every
+step costs the projector alone. Batches are a pure function of (seed, step), which is what makes
+`resume` continue the very same loss curve. Checkpoints hold only the trained tensors and the optimiser
+state, in safetensors, never a pickle. `accelerate` picks the device and mixed precision.
+
+Not here: the model (bridge/model.py), data parsing (data.py), metrics (evaluate.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from bridge.config import ConfigError, RunConfig, TrainConfig, to_dict
+from bridge.model import TextBridge, read_safetensors
+from training.cache import CachedFeatures, FeatureCache, TextCache
+from training.data import held_out_split, load_pairs, synthetic_pairs
+from training.evaluate import retrieval_recall
+from training.losses import LOSSES
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+RUN_CONFIG = "run_config.json"
+
+
+@dataclass
+class CaptionedFeatures:
+    """Cached image features and the frozen tower's caption embeddings (normalised) for one split."""
+
+    features: CachedFeatures
+    captions: torch.Tensor  # (total captions, E)
+    caption_image: torch.Tensor  # (total captions,): which image each caption belongs to
+    first_caption: torch.Tensor  # (images,): index of each image's first caption
+    caption_count: torch.Tensor  # (images,)
+
+    @classmethod
+    def build(cls, features: CachedFeatures, text_cache: TextCache) -> CaptionedFeatures:
+        counts = torch.tensor([len(pair.captions) for pair in features.pairs])
+        texts = [caption for pair in features.pairs for caption in pair.captions]
+        return cls(
+            features,
+            F.normalize(text_cache.embeddings(texts), dim=-1),
+            torch.arange(len(counts)).repeat_interleave(counts),
+            torch.cumsum(counts, 0) - counts,
+            counts,
+        )
+
+
+@dataclass
+class AlignmentData:
+    train: CaptionedFeatures
+    held_out: CaptionedFeatures
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (origin, reason) of unreadable images
+
+    @classmethod
+    def prepare(
+        cls,
+        bridge: TextBridge,
+        data: str,
+        config: TrainConfig,
+        cache_dir: str | Path,
+        image_root: str | None = None,
+        progress: bool = True,
+    ) -> AlignmentData:
+        """Read the data set, split off the held-out pairs, and fill the caches.
+
+        For `synthetic:N` the held-out scenes are new ones with distinct descriptions, so each caption
+        has exactly one right image in the gallery; a file data set gives up `held_out` of its pairs.
+        """
+        pairs = load_pairs(data, image_root)
+        if data.startswith("synthetic:"):
+            count = int(config.held_out if config.held_out >= 1 else config.held_out * len(pairs))
+            seed = pairs[0].origin.split(":")[1]
+            train, held_out = pairs, synthetic_pairs(count, seed=int(seed), start=10**7, distinct=True)
+        else:
+            train, held_out = held_out_split(pairs, config.held_out, config.seed)
+        feature_cache = FeatureCache(cache_dir, bridge.encoder)
+        text_cache = TextCache(cache_dir, bridge.tower)
+        parts = [
+            feature_cache.features(split, workers=config.num_workers, progress=progress)
+            for split in (train, held_out)
+        ]
+        skipped = parts[0].failures + parts[1].failures
+        if skipped:
+            log.warning(
+                "skipped %d of %d images that could not be read", len(skipped), len(train) + len(held_out)
+            )
+        if len(parts[0]) == 0:
+            raise ConfigError(f"no training image of '{data}' could be read; see the warnings above")
+        truncated_before = bridge.tower.truncated
+        data_sets = [CaptionedFeatures.build(part, text_cache) for part in parts]
+        truncated = bridge.tower.truncated - truncated_before
+        if truncated:
+            log.warning(
+                "%d captions were longer than the text tower's %d-token context and were truncated",
+                truncated,
+                bridge.tower.context_length,
+            )
+        return cls(*data_sets, skipped)
+
+
+class TrainableHead(nn.Module):
+    """What training updates: the projector and the loss's temperature and bias, nothing frozen."""
+
+    def __init__(self, bridge: TextBridge):
+        super().__init__()
+        self.projector = bridge.projector
+        self.logit_scale = bridge.logit_scale
+        self.logit_bias = bridge.logit_bias
+
+    def forward(self, features) -> torch.Tensor:
+        embedding, _ = self.projector(features, with_patches=False)
+        return F.normalize(embedding, dim=-1)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    losses: list[float]  # one per optimiser step run in this call
+    metrics: dict[str, float]  # held-out retrieval at the end
+    skipped: list[tuple[str, str]]
+
+
+def fit(
+    bridge: TextBridge,
+    data: AlignmentData,
+    config: TrainConfig,
+    out_dir: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Train `bridge.projector` for `config.steps` steps; checkpoints under out_dir/checkpoints/."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if config.loss not in LOSSES:
+        raise ConfigError(f"unknown loss '{config.loss}'; choose one of {', '.join(LOSSES)}")
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum
+    )
+    head = TrainableHead(bridge)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    start = _load_checkpoint(out_dir, head, optimizer) if resume else 0
+    head, optimizer = accelerator.prepare(head, optimizer)
+    loss_fn = LOSSES[config.loss]
+    losses: list[float] = []
+    log_path = out_dir / "train_log.jsonl"
+    if log_path.exists():  # a killed run may have logged steps past its last checkpoint: drop them
+        kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= start]
+        log_path.write_text("".join(line + "\n" for line in kept))
+    log_file = log_path.open("a")
+    bar = tqdm(
+        range(start, config.steps), desc="training", initial=start, total=config.steps, disable=not progress
+    )
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(config, step)
+        with accelerator.accumulate(head):
+            images, texts = sample_batch(data.train, config, step)
+            with accelerator.autocast():
+                embeddings = head(images.to(accelerator.device))
+                unwrapped = accelerator.unwrap_model(head)
+                args = (
+                    (unwrapped.logit_scale,)
+                    if config.loss == "infonce"
+                    else (unwrapped.logit_scale, unwrapped.logit_bias)
+                )
+                loss = loss_fn(embeddings.float(), texts.to(accelerator.device), *args)
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad()
+        losses.append(loss.item())
+        log_file.write(
+            json.dumps({"step": step + 1, "loss": losses[-1], "lr": learning_rate(config, step)}) + "\n"
+        )
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        done = step + 1
+        if config.eval_every and done % config.eval_every == 0 and done < config.steps:
+            metrics = evaluate_alignment(bridge, data.held_out)
+            log.info("step %d: held-out text->image R@1 %.3f", done, metrics["text_to_image_R@1"])
+        if config.checkpoint_every and done % config.checkpoint_every == 0:
+            _save_checkpoint(out_dir, accelerator.unwrap_model(head), optimizer, done)
+    log_file.close()
+    bar.close()
+    metrics = evaluate_alignment(bridge, data.held_out)
+    return TrainResult(config.steps, losses, metrics, data.skipped)
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """Linear warm-up, then cosine decay to zero: a function of the step alone, so resuming is exact."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return config.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def sample_batch(data: CaptionedFeatures, config: TrainConfig, step: int):
+    """Batch `step`: images in a fresh seeded permutation each epoch, one random caption for each."""
+    count = len(data.features)
+    batch_size = min(config.batch_size, count)
+    per_epoch = count // batch_size
+    epoch, position = divmod(step, per_epoch)
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(config.seed * 1_000_003 + epoch))
+    images = order[position * batch_size : (position + 1) * batch_size]
+    pick = torch.Generator().manual_seed(config.seed * 1_000_003 + 7919 * step + 1)
+    offsets = (torch.rand(batch_size, generator=pick) * data.caption_count[images]).long()
+    texts = data.captions[data.first_caption[images] + offsets]
+    return data.features[images], texts
+
+
+@torch.no_grad()
+def evaluate_alignment(
+    bridge: TextBridge, data: CaptionedFeatures, batch_size: int = 512
+) -> dict[str, float]:
+    """Held-out retrieval recall, the whole held-out set as the gallery."""
+    embeddings = [
+        bridge.encode_image(data.features[list(range(i, min(i + batch_size, len(data.features))))]).cpu()
+        for i in range(0, len(data.features), batch_size)
+    ]
+    return retrieval_recall(torch.cat(embeddings), data.captions, data.caption_image.tolist())
+
+
+def train_text_bridge(
+    config: RunConfig,
+    data: str,
+    out_dir: str | Path,
+    resume: bool = False,
+    image_root: str | None = None,
+    progress: bool = True,
+) -> tuple[TextBridge, TrainResult]:
+    """The whole `dinobridge train`: build, cache, fit, save the bridge to out_dir."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    saved_config = out_dir / RUN_CONFIG
+    if resume and saved_config.exists():
+        previous = json.loads(saved_config.read_text())
+        if previous != json.loads(json.dumps(to_dict(config))):
+            raise ConfigError(
+                f"--resume with a config that differs from the one in '{saved_config}'; use the same"
+            )
+    elif not resume:
+        shutil.rmtree(out_dir / CHECKPOINTS, ignore_errors=True)
+        (out_dir / "train_log.jsonl").unlink(missing_ok=True)
+    saved_config.write_text(json.dumps(to_dict(config), indent=2))
+    torch.manual_seed(config.train.seed)
+    bridge = TextBridge.from_config(config.bridge)
+    cache_dir = config.train.cache_dir or out_dir / "cache"
+    alignment = AlignmentData.prepare(bridge, data, config.train, cache_dir, image_root, progress)
+    result = fit(bridge, alignment, config.train, out_dir, resume=resume, progress=progress)
+    bridge.save_pretrained(out_dir)
+    (out_dir / "metrics.json").write_text(json.dumps(result.metrics, indent=2))
+    return bridge, result
+
+
+def _save_checkpoint(out_dir: Path, head: TrainableHead, optimizer: torch.optim.Optimizer, step: int) -> None:
+    directory = out_dir / CHECKPOINTS / f"step-{step:07d}"
+    temporary = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
+        temporary / "head.safetensors",
+    )
+    state = optimizer.state_dict()
+    tensors = {
+        f"{index}.{name}": value.detach().cpu().contiguous()
+        for index, values in state["state"].items()
+        for name, value in values.items()
+    }
+    save_file(tensors, temporary / "optimizer.safetensors")
+    (temporary / "trainer_state.json").write_text(
+        json.dumps({"step": step, "param_groups": state["param_groups"]})
+    )
+    shutil.rmtree(directory, ignore_errors=True)
+    temporary.rename(directory)
+
+
+def _load_checkpoint(out_dir: Path, head: TrainableHead, optimizer: torch.optim.Optimizer) -> int:
+    """Restore the newest checkpoint; returns its step (0 when there is none to resume from)."""
+    checkpoints = sorted((out_dir / CHECKPOINTS).glob("step-???????"))
+    if not checkpoints:
+        log.warning("--resume: no checkpoint in '%s'; starting from step 0", out_dir / CHECKPOINTS)
+        return 0
+    latest = checkpoints[-1]
+    head.load_state_dict(read_safetensors(latest / "head.safetensors"))
+    trainer_state = json.loads((latest / "trainer_state.json").read_text())
+    per_parameter: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in read_safetensors(latest / "optimizer.safetensors").items():
+        index, name = key.split(".", 1)
+        per_parameter.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": per_parameter, "param_groups": trainer_state["param_groups"]})
+    log.info("resumed from %s", latest)
+    return trainer_state["step"]

@@ -1,0 +1,233 @@
+"""Frozen-feature and caption-embedding caches: computed once, memory-mapped, reused every epoch.
+
+The encoder and the text tower are frozen, so their outputs for an image or a caption never change:
+training on cached outputs costs the projector alone (see benchmarks/cache_epoch.py). Features live in
+`<root>/features/<encoder fingerprint>/` (the fingerprint covers weights, layer and preprocessing) as
+float16 .npy chunks keyed by image path, size and mtime; caption embeddings in
+`<root>/text/<tower fingerprint>/`. Chunks are written to a temporary name and renamed, so a killed
+run loses at most the chunk in progress. A corrupt image is recorded with its reason and skipped.
+
+Not here: the training loop (align.py), data set parsing (data.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from bridge.fingerprint import fingerprint
+from bridge.images import ImageLoadError
+from bridge.text import TextTower
+from bridge.vision import FrozenEncoder, Preprocessing, VisionFeatures
+from training.data import Pair
+
+log = logging.getLogger(__name__)
+
+CHUNK_SIZE = 4096  # images per chunk file: what a killed run can lose at most
+
+
+class _Chunks:
+    """A directory of chunk-*/ folders, each with `keys.json` and one .npy per array, memory-mapped."""
+
+    def __init__(self, directory: Path, arrays: Sequence[str]):
+        self.directory = directory
+        self.arrays = tuple(arrays)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.chunks: list[dict[str, np.ndarray]] = []
+        self.where: dict[str, tuple[int, int]] = {}  # key -> (chunk, row)
+        for chunk_dir in sorted(directory.glob("chunk-*")):
+            self._open(chunk_dir)
+
+    def _open(self, chunk_dir: Path) -> None:
+        keys = json.loads((chunk_dir / "keys.json").read_text())
+        number = len(self.chunks)
+        self.chunks.append({name: np.load(chunk_dir / f"{name}.npy", mmap_mode="r") for name in self.arrays})
+        for row, key in enumerate(keys):
+            self.where[key] = (number, row)
+
+    def write(self, keys: list[str], values: dict[str, np.ndarray]) -> None:
+        """Add one chunk atomically: write to a temporary folder, then rename it into place."""
+        temporary = self.directory / f".tmp-{uuid.uuid4().hex}"
+        temporary.mkdir()
+        for name in self.arrays:
+            np.save(temporary / f"{name}.npy", values[name], allow_pickle=False)
+        (temporary / "keys.json").write_text(json.dumps(keys))
+        final = self.directory / f"chunk-{len(self.chunks):05d}-{uuid.uuid4().hex[:8]}"
+        os.replace(temporary, final)
+        self._open(final)
+
+    def gather(self, name: str, locations: np.ndarray) -> np.ndarray:
+        """Rows at `locations` ((n, 2) chunk/row pairs) of array `name`, in that order."""
+        template = self.chunks[0][name]
+        out = np.empty((len(locations), *template.shape[1:]), dtype=template.dtype)
+        for chunk in np.unique(locations[:, 0]):
+            mask = locations[:, 0] == chunk
+            out[mask] = self.chunks[chunk][name][locations[mask, 1]]
+        return out
+
+
+@dataclass
+class CachedFeatures:
+    """Features of the pairs whose images loaded; `pairs[i]` goes with row i. Gathers batches lazily."""
+
+    pairs: list[Pair]
+    failures: list[tuple[str, str]]  # (origin, reason) of each image that was skipped
+    store: _Chunks
+    locations: np.ndarray  # (len(pairs), 2): chunk and row of each pair's features
+    grid_hw: tuple[int, int]
+    layer: int | None
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, indices) -> VisionFeatures:
+        """Features (float32 tensors) of the pairs at `indices` (a list, array or tensor of ints)."""
+        rows = self.locations[np.asarray(indices, dtype=np.int64)]
+        parts = [torch.from_numpy(self.store.gather(name, rows)).float() for name in self.store.arrays]
+        return VisionFeatures(*parts, self.grid_hw, self.layer)
+
+
+class FeatureCache:
+    """Encoder features for image-caption pairs, computed once per encoder and image."""
+
+    def __init__(self, root: str | Path, encoder: FrozenEncoder):
+        self.encoder = encoder
+        self.directory = Path(root) / "features" / encoder.fingerprint()
+        self.store = _Chunks(self.directory, ("cls", "registers", "patches"))
+        self.failures_file = self.directory / "failures.json"
+
+    def features(
+        self, pairs: Sequence[Pair], batch_size: int = 64, workers: int = 0, progress: bool = True
+    ) -> CachedFeatures:
+        """Features for every pair whose image loads; missing ones are computed and cached first."""
+        failed = json.loads(self.failures_file.read_text()) if self.failures_file.exists() else {}
+        keys = [pair.key for pair in pairs]
+        todo = [p for p, k in zip(pairs, keys, strict=True) if k not in self.store.where and k not in failed]
+        todo = list({p.key: p for p in todo}.values())  # an image named twice is encoded once
+        if todo:
+            failed.update(self._compute(todo, batch_size, workers, progress))
+            _write_json_atomically(self.failures_file, failed)
+        kept = [i for i, key in enumerate(keys) if key in self.store.where]
+        failures = [(pairs[i].origin, failed[key]) for i, key in enumerate(keys) if key in failed]
+        for origin, reason in failures:
+            log.warning("skipped %s: %s", origin, reason)
+        locations = np.array([self.store.where[keys[i]] for i in kept], dtype=np.int64).reshape(-1, 2)
+        return CachedFeatures(
+            [pairs[i] for i in kept],
+            failures,
+            self.store,
+            locations,
+            self.encoder.grid_hw,
+            self.encoder.layer,
+        )
+
+    def _compute(self, pairs: list[Pair], batch_size: int, workers: int, progress: bool) -> dict[str, str]:
+        failed: dict[str, str] = {}
+        keys: list[str] = []
+        parts: dict[str, list[np.ndarray]] = {name: [] for name in self.store.arrays}
+        bar = tqdm(total=len(pairs), desc="encoding images", unit="img", disable=not progress)
+
+        def flush() -> None:
+            if keys:
+                self.store.write(
+                    list(keys), {n: np.concatenate(v).astype(np.float16) for n, v in parts.items()}
+                )
+                keys.clear()
+                for chunks in parts.values():
+                    chunks.clear()
+
+        batches = [pairs[i : i + batch_size] for i in range(0, len(pairs), batch_size)]
+        for batch, decoded in zip(
+            batches, _decode_batches(batches, self.encoder.preprocessing, workers), strict=True
+        ):
+            good = [
+                (pair, pixels)
+                for pair, (pixels, reason) in zip(batch, decoded, strict=True)
+                if reason is None
+            ]
+            for pair, (_, reason) in zip(batch, decoded, strict=True):
+                if reason is not None:
+                    failed[pair.key] = reason
+            if good:
+                features = self.encoder(torch.stack([pixels for _, pixels in good])).to("cpu")
+                keys.extend(pair.key for pair, _ in good)
+                parts["cls"].append(features.cls.float().numpy())
+                parts["registers"].append(features.registers.float().numpy())
+                parts["patches"].append(features.patches.float().numpy())
+            bar.update(len(batch))
+            if len(keys) >= CHUNK_SIZE:
+                flush()
+        flush()
+        bar.close()
+        return failed
+
+
+class TextCache:
+    """Frozen-tower embeddings of captions, computed once per tower and caption."""
+
+    def __init__(self, root: str | Path, tower: TextTower):
+        self.tower = tower
+        settings = json.dumps(tower.config.__dict__, sort_keys=True, default=str)
+        self.store = _Chunks(Path(root) / "text" / fingerprint(tower, settings), ("embeddings",))
+
+    def embeddings(self, captions: Sequence[str]) -> torch.Tensor:
+        """(len(captions), E) float32 embeddings, unnormalised, in the order given."""
+        missing = list(dict.fromkeys(c for c in captions if c not in self.store.where))
+        for start in range(0, len(missing), CHUNK_SIZE * 4):
+            chunk = missing[start : start + CHUNK_SIZE * 4]
+            self.store.write(chunk, {"embeddings": self.tower.encode(chunk).numpy().astype(np.float32)})
+        if not captions:
+            return torch.empty(0, self.tower.embed_dim)
+        rows = np.array([self.store.where[c] for c in captions], dtype=np.int64)
+        return torch.from_numpy(self.store.gather("embeddings", rows))
+
+
+def _decode_batches(
+    batches: list[list[Pair]], preprocessing: Preprocessing, workers: int
+) -> Iterator[list[tuple[torch.Tensor | None, str | None]]]:
+    """Decode and preprocess each batch, in `workers` processes when asked (the encoder stays here)."""
+    if workers <= 0:
+        return (_decode_batch(batch, preprocessing) for batch in batches)
+    executor = ProcessPoolExecutor(workers)
+    # Keep a few batches in flight so decoding overlaps the encoder without holding the whole set.
+    return _prefetch(executor, batches, lambda batch: executor.submit(_decode_batch, batch, preprocessing))
+
+
+def _prefetch(executor: ProcessPoolExecutor, items: list, submit: Callable, depth: int = 4):
+    with executor:
+        futures = [submit(item) for item in items[:depth]]
+        for index in range(len(items)):
+            if index + depth < len(items):
+                futures.append(submit(items[index + depth]))
+            yield futures[index].result()
+            futures[index] = None
+
+
+def _decode_batch(
+    batch: list[Pair], preprocessing: Preprocessing
+) -> list[tuple[torch.Tensor | None, str | None]]:
+    decoded = []
+    for pair in batch:
+        try:
+            decoded.append((preprocessing([pair.load_image()])[0], None))
+        except ImageLoadError as error:
+            decoded.append((None, error.reason))
+        except OSError as error:  # a file that vanished or went unreadable after the data set was read
+            decoded.append((None, str(error)))
+    return decoded
+
+
+def _write_json_atomically(path: Path, data) -> None:
+    temporary = path.with_suffix(f".tmp-{uuid.uuid4().hex}")
+    temporary.write_text(json.dumps(data, indent=1))
+    os.replace(temporary, path)

@@ -1,0 +1,192 @@
+"""Image-caption data sets: JSONL, CSV, COCO captions JSON, ImageFolder and the synthetic world.
+
+Everything becomes a list of `Pair`s (an image and its captions) read up front, so a missing image or a
+malformed line fails before any work, with the file and line named. Images are decoded later, once, by
+the feature cache; a corrupt image is skipped and counted there, never a crash.
+
+Not here: decoding pixels (bridge/images.py) or features (training/cache.py).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from bridge.images import is_supported_image, load_image
+from bridge.synthetic import Scene, SyntheticWorld
+
+# Captions per synthetic scene: two phrasings teach that wording varies; more mostly cost text encoding.
+SYNTHETIC_CAPTIONS = 2
+
+
+class DataError(ValueError):
+    """Training data that cannot be used; the message names the file, the line and the fix."""
+
+
+@dataclass
+class Pair:
+    image: str | Scene  # an absolute image path, or a synthetic scene rendered on demand
+    captions: list[str]
+    origin: str  # where the pair was read, for messages: "pairs.jsonl:12"
+
+    @property
+    def key(self) -> str:
+        """Identifies the image's content for caches: path, size and mtime, or the scene's key."""
+        if isinstance(self.image, Scene):
+            return self.image.key
+        stat = os.stat(self.image)
+        return f"{self.image}|{stat.st_size}|{stat.st_mtime_ns}"
+
+    def load_image(self) -> Image.Image:
+        return self.image.render() if isinstance(self.image, Scene) else load_image(self.image)
+
+
+def load_pairs(spec: str, image_root: str | None = None) -> list[Pair]:
+    """Read a data set: `x.jsonl`, `x.csv`, a COCO captions `x.json` (images under `image_root`, default
+    the JSON's folder), or `synthetic:N` (N scenes of the synthetic world, seed 0; `synthetic:N:SEED`).
+    """
+    if spec.startswith("synthetic:"):
+        count, seed = _parse_synthetic(spec)
+        return synthetic_pairs(count, seed=seed)
+    path = Path(spec)
+    if not path.is_file():
+        raise DataError(f"data file '{spec}' does not exist")
+    readers = {".jsonl": _read_jsonl, ".csv": _read_csv, ".json": _read_coco}
+    if path.suffix not in readers:
+        raise DataError(f"data file '{spec}' is not .jsonl, .csv or COCO .json, nor synthetic:N")
+    pairs = readers[path.suffix](path, Path(image_root) if image_root else None)
+    if not pairs:
+        raise DataError(f"data file '{spec}' holds no image-caption pairs")
+    return pairs
+
+
+def synthetic_pairs(count: int, seed: int = 0, start: int = 0, distinct: bool = False) -> list[Pair]:
+    world = SyntheticWorld(seed)
+    return [
+        Pair(scene, scene.captions(SYNTHETIC_CAPTIONS), f"synthetic:{seed}:{scene.key.rsplit('/', 1)[1]}")
+        for scene in world.scenes(start, count, distinct=distinct)
+    ]
+
+
+def held_out_split(pairs: list[Pair], held_out: float, seed: int) -> tuple[list[Pair], list[Pair]]:
+    """(train, held-out): a seeded shuffle, then `held_out` pairs (a count, or a fraction if < 1) aside."""
+    count = round(len(pairs) * held_out) if held_out < 1 else int(held_out)
+    if not 0 <= count < len(pairs):
+        raise DataError(f"held_out={held_out} leaves no training data out of {len(pairs)} pairs; lower it")
+    order = list(range(len(pairs)))
+    random.Random(seed).shuffle(order)
+    return [pairs[i] for i in order[count:]], [pairs[i] for i in order[:count]]
+
+
+def load_image_folder(root: str | Path) -> tuple[list[str], list[int], list[str]]:
+    """An ImageFolder layout (root/class_name/image) -> (image paths, label indices, class names)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"image folder '{root}' does not exist")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise DataError(f"'{root}' has no class sub-folders; expected root/<class name>/<image>")
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        for path in sorted((root / name).rglob("*")):
+            if path.is_file() and is_supported_image(path):
+                paths.append(str(path))
+                labels.append(label)
+    if not paths:
+        raise DataError(f"'{root}' holds no supported images under its class folders")
+    return paths, labels, [name.replace("_", " ") for name in classes]
+
+
+def _parse_synthetic(spec: str) -> tuple[int, int]:
+    parts = spec.split(":")
+    try:
+        count, seed = int(parts[1]), int(parts[2]) if len(parts) > 2 else 0
+    except (ValueError, IndexError):
+        raise DataError(f"'{spec}' is not synthetic:N or synthetic:N:SEED (e.g. synthetic:5000)") from None
+    if count < 1:
+        raise DataError(f"'{spec}' asks for {count} scenes; ask for at least 1")
+    return count, seed
+
+
+def _image_path(base: Path, name: str, origin: str) -> str:
+    path = Path(name) if Path(name).is_absolute() else base / name
+    if not path.exists():
+        raise DataError(f"{origin}: image '{name}' not found (looked for '{path}')")
+    return str(path.resolve())
+
+
+def _captions(record: dict, origin: str) -> list[str]:
+    captions = record.get("captions", [record["caption"]] if "caption" in record else None)
+    if isinstance(captions, str):
+        captions = [captions]
+    if not captions or not all(isinstance(c, str) and c.strip() for c in captions):
+        raise DataError(f'{origin}: needs a non-empty "caption" string or "captions" list')
+    return [c.strip() for c in captions]
+
+
+def _read_jsonl(path: Path, image_root: Path | None) -> list[Pair]:
+    base = image_root or path.parent
+    pairs = []
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            origin = f"{path}:{number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{origin}: not valid JSON ({error.msg})") from None
+            if not isinstance(record, dict) or "image" not in record:
+                raise DataError(f'{origin}: expected {{"image": "path", "caption": "..."}}')
+            pairs.append(Pair(_image_path(base, record["image"], origin), _captions(record, origin), origin))
+    return pairs
+
+
+def _read_csv(path: Path, image_root: Path | None) -> list[Pair]:
+    base = image_root or path.parent
+    with path.open(encoding="utf-8", newline="") as file:
+        reader = csv.DictReader(file)
+        if not reader.fieldnames or not {"image", "caption"} <= set(reader.fieldnames):
+            raise DataError(
+                f"{path}: needs a header with 'image' and 'caption' columns, got {reader.fieldnames}"
+            )
+        # Several rows may caption one image; they become one pair with several captions.
+        by_image: dict[str, Pair] = {}
+        for number, row in enumerate(reader, start=2):
+            origin = f"{path}:{number}"
+            image = _image_path(base, row["image"], origin)
+            captions = _captions(row, origin)
+            if image in by_image:
+                by_image[image].captions.extend(captions)
+            else:
+                by_image[image] = Pair(image, captions, origin)
+    return list(by_image.values())
+
+
+def _read_coco(path: Path, image_root: Path | None) -> list[Pair]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        images = {item["id"]: item["file_name"] for item in data["images"]}
+        annotations = data["annotations"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise DataError(
+            f"{path}: not a COCO captions file (needs 'images' and 'annotations'): {error}"
+        ) from None
+    base = image_root or path.parent
+    captions: dict[int, list[str]] = {}
+    for number, item in enumerate(annotations):
+        if item.get("image_id") not in images:
+            raise DataError(
+                f"{path}: annotation #{number} names image_id {item.get('image_id')}, not in 'images'"
+            )
+        captions.setdefault(item["image_id"], []).append(_captions(item, f"{path}: annotation #{number}")[0])
+    return [
+        Pair(_image_path(base, images[i], f"{path}: image id {i}"), caps, f"{path}: image id {i}")
+        for i, caps in captions.items()
+    ]
