@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="train and compare two bridges on the offline default")
     demo.add_argument("--out", default="demo-out", help="output directory (default: demo-out)")
-    demo.add_argument("--scenes", type=int, default=10_000, help="synthetic training scenes (default: 10000)")
+    demo.add_argument("--scenes", type=int, default=12_000, help="synthetic training scenes (default: 12000)")
     demo.set_defaults(handler=_demo)
 
     train = commands.add_parser("train", help="train a text bridge on image-caption pairs")
@@ -63,7 +63,41 @@ def build_parser() -> argparse.ArgumentParser:
     zeroshot.add_argument("--data", required=True, help="root/<class name>/<image>")
     zeroshot.add_argument("--json", action="store_true", help="print the metrics as JSON")
     zeroshot.set_defaults(handler=_eval_zeroshot)
+
+    index = commands.add_parser("index", help="index a folder of images (again: only new or changed files)")
+    index.add_argument("folder", help="folder walked recursively for images")
+    index.add_argument("--model", required=True, help="a saved bridge directory")
+    index.add_argument("--out", required=True, help="the index directory")
+    index.add_argument("--workers", type=int, help="decoding processes (default: one per core, less one)")
+    index.set_defaults(handler=_index)
+
+    search = commands.add_parser("search", help="search an index by text, by example image, or both")
+    search.add_argument("index", help="an index directory made by `dinobridge index`")
+    search.add_argument("texts", nargs="*", help="text queries, added together")
+    search.add_argument("--minus", action="append", default=[], help="text to steer away from (repeatable)")
+    search.add_argument("--image", action="append", default=[], help="query image (repeatable)")
+    search.add_argument("-k", type=int, default=10, help="results to show (default: 10)")
+    search.add_argument("--model", help="bridge directory (default: the one the index was built with)")
+    search.add_argument("--json", action="store_true", help="print a JSON list of {path, score}")
+    search.set_defaults(handler=_search)
     return parser
+
+
+def _index(args) -> int:
+    from bridge.index import run_index_command
+
+    summary = run_index_command(args.folder, args.model, args.out, args.workers)
+    print(summary)
+    return 0
+
+
+def _search(args) -> int:
+    from bridge.index import run_search_command
+
+    if not (args.texts or args.image):
+        raise ValueError("give a text query, an --image, or both")
+    print(run_search_command(args.index, args.model, args.texts, args.minus, args.image, args.k, args.json))
+    return 0
 
 
 def _demo(args) -> int:

@@ -86,9 +86,9 @@ class BridgeConfig:
 @dataclass
 class TrainConfig:
     loss: str = "infonce"  # infonce (CLIP, learnable temperature) | siglip (sigmoid, learnable bias)
-    steps: int = 1000
+    steps: int = 1500
     batch_size: int = 256
-    lr: float = 2e-3
+    lr: float = 4e-3
     weight_decay: float = 0.05
     warmup_steps: int = 50
     grad_accum: int = 1

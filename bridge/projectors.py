@@ -100,7 +100,7 @@ class AttentionPoolProjector(nn.Module):
         self,
         in_dim: int,
         out_dim: int,
-        width: int = 256,
+        width: int = 128,
         num_heads: int = 8,
         depth: int = 1,
         dropout: float = 0.0,

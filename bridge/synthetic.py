@@ -103,6 +103,7 @@ class Scene:
         """`count` different captions, each naming every object's size, colour, shape and place."""
         rng = np.random.default_rng([self.noise_seed, seed])
         captions = []
+        templates = rng.permutation(len(_SCENE_TEMPLATES))  # distinct wordings first, in a seeded order
         for k in range(count):
             order = rng.permutation(len(self.objects))
             phrases = []
@@ -110,7 +111,7 @@ class Scene:
                 obj = self.objects[i]
                 phrases.append(f"a {obj.size} {obj.colour} {obj.shape} {POSITIONS[obj.position]}")
             objects = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
-            captions.append(_SCENE_TEMPLATES[k % len(_SCENE_TEMPLATES)].format(objects=objects))
+            captions.append(_SCENE_TEMPLATES[templates[k % len(templates)]].format(objects=objects))
         return captions
 
     def questions(self) -> list[tuple[str, str, str]]:

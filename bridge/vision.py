@@ -10,7 +10,6 @@ Not here: image file loading (images.py) or anything trainable (projectors.py).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Sequence
@@ -24,6 +23,7 @@ from PIL import Image
 from torch import nn
 
 from bridge.config import ConfigError, EncoderConfig
+from bridge.fingerprint import fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -194,21 +194,15 @@ class FrozenEncoder(nn.Module):
         Keys the feature cache and the image index, so features of two encoders never mix.
         """
         if self._fingerprint is None:
-            digest = hashlib.sha256()
-            digest.update(type(self.model).__name__.encode())
             # Only what changes the features: save_pretrained adds `architectures` and `dtype` to the
             # config and the transformers version is no property of the model, so none of them count
-            # (the parameters' dtype does, hashed below), or a reloaded encoder would not match itself.
+            # (the parameters' dtype does), or a reloaded encoder would not match itself.
             config = self.model.config.to_diff_dict()
             for key in ("architectures", "dtype", "torch_dtype", "transformers_version", "_name_or_path"):
                 config.pop(key, None)
-            digest.update(json.dumps(config, sort_keys=True).encode())
             dtype = str(next(self.model.parameters()).dtype)
-            digest.update(json.dumps([self.layer, asdict(self.preprocessing), dtype]).encode())
-            for name, tensor in sorted(self.model.state_dict().items()):
-                digest.update(name.encode())
-                digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-            self._fingerprint = digest.hexdigest()[:16]
+            settings = json.dumps([config, self.layer, asdict(self.preprocessing), dtype], sort_keys=True)
+            self._fingerprint = fingerprint(self.model, settings)
         return self._fingerprint
 
     def save_pretrained(self, directory: str | Path) -> None:

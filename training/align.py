@@ -171,7 +171,7 @@ def fit(
         with accelerator.accumulate(head):
             images, texts = sample_batch(data.train, config, step)
             with accelerator.autocast():
-                embeddings = head(images.to(accelerator.device))
+                embeddings = head(data.train.features[images].to(accelerator.device))
                 unwrapped = accelerator.unwrap_model(head)
                 args = (
                     (unwrapped.logit_scale,)
@@ -207,8 +207,11 @@ def learning_rate(config: TrainConfig, step: int) -> float:
     return config.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def sample_batch(data: CaptionedFeatures, config: TrainConfig, step: int):
-    """Batch `step`: images in a fresh seeded permutation each epoch, one random caption for each."""
+def sample_batch(
+    data: CaptionedFeatures, config: TrainConfig, step: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batch `step`: (image indices, their caption embeddings). Images come in a fresh seeded
+    permutation each epoch, each with one of its captions picked at random."""
     count = len(data.features)
     batch_size = min(config.batch_size, count)
     per_epoch = count // batch_size
@@ -217,8 +220,7 @@ def sample_batch(data: CaptionedFeatures, config: TrainConfig, step: int):
     images = order[position * batch_size : (position + 1) * batch_size]
     pick = torch.Generator().manual_seed(config.seed * 1_000_003 + 7919 * step + 1)
     offsets = (torch.rand(batch_size, generator=pick) * data.caption_count[images]).long()
-    texts = data.captions[data.first_caption[images] + offsets]
-    return data.features[images], texts
+    return images, data.captions[data.first_caption[images] + offsets]
 
 
 @torch.no_grad()

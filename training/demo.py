@@ -35,7 +35,7 @@ class DemoResult:
 
 
 def run_demo(
-    out_dir: str | Path = "demo-out", train_scenes: int = 10_000, progress: bool = True
+    out_dir: str | Path = "demo-out", train_scenes: int = 12_000, progress: bool = True
 ) -> DemoResult:
     start = time.perf_counter()
     out_dir = Path(out_dir)

@@ -1,0 +1,120 @@
+"""Indexing throughput: images per second for a folder of JPEGs, and where the time goes.
+
+    python benchmarks/index_throughput.py                      # 2,000 JPEGs of 640x480, workers 0 and 1
+    python benchmarks/index_throughput.py --n 500 --workers 0 1 3
+
+Uses the offline default bridge (`TextBridge.from_config(BridgeConfig())`: a 6-layer DINOv2 at 112 px and
+MiniLM). For each worker count it builds a fresh index and reports images/s, the share of the wall time the
+main process spent running the model and waiting for decoded images, and how busy the decode workers were
+(decode cost per image, measured here on a sample, times images, over workers x wall time). The baseline
+is workers=0: decoding in the main process, between model batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bridge.config import BridgeConfig  # noqa: E402
+from bridge.index import ImageIndex, _prepare  # noqa: E402
+from bridge.model import TextBridge  # noqa: E402
+
+
+def make_jpegs(folder: Path, count: int, size: tuple[int, int]) -> None:
+    """Photo-like JPEGs (smooth gradients, a few shapes, mild noise), so files have realistic sizes."""
+    rng = np.random.default_rng(0)
+    ys, xs = np.mgrid[0 : size[1], 0 : size[0]].astype(np.float32)
+    for i in range(count):
+        a, b, c = rng.uniform(0, 255, 3), rng.uniform(-0.3, 0.3, 3), rng.uniform(-0.3, 0.3, 3)
+        pixels = a + xs[..., None] * b + ys[..., None] * c + rng.normal(0, 6, (size[1], size[0], 3))
+        image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+        draw = ImageDraw.Draw(image)
+        for _ in range(4):
+            x, y = rng.integers(0, size[0] - 60), rng.integers(0, size[1] - 60)
+            box = (x, y, x + rng.integers(20, 200), y + rng.integers(20, 200))
+            draw.ellipse(box, fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+        (folder / f"{i // 500:02d}").mkdir(exist_ok=True)
+        image.save(folder / f"{i // 500:02d}" / f"img{i:05d}.jpg", quality=90)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n", type=int, default=2000, help="number of JPEGs")
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1], help="decode worker counts to run")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads for the model (default: torch's)"
+    )
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch) / "photos"
+        folder.mkdir()
+        started = time.perf_counter()
+        make_jpegs(folder, args.n, (640, 480))
+        files = sorted(folder.rglob("*.jpg"))
+        megabytes = sum(f.stat().st_size for f in files) / 2**20
+        print(
+            f"{args.n:,} JPEGs of 640x480, {megabytes:.0f} MB, made in {time.perf_counter() - started:.0f} s"
+        )
+        bridge = TextBridge.from_config(BridgeConfig())
+        preprocessing = bridge.encoder.preprocessing
+        print(
+            f"offline default bridge: {preprocessing.image_size} px input, batch size {args.batch_size}, "
+            f"{torch.get_num_threads()} torch threads for the model"
+        )
+
+        sample, threads = files[:100], torch.get_num_threads()
+        torch.set_num_threads(1)  # as in a worker: torch's thread pool costs more than it gives on one image
+        started = time.perf_counter()
+        for path in sample:
+            _prepare(str(path), None, preprocessing)
+        decode_ms = (time.perf_counter() - started) / len(sample) * 1e3
+        torch.set_num_threads(threads)
+        print(f"read + hash + decode + preprocess, one thread: {decode_ms:.1f} ms per image\n")
+
+        header = (
+            f"{'workers':>8}{'wall s':>9}{'img/s':>9}{'model %':>9}{'waiting %':>11}{'workers busy %':>16}"
+        )
+        print(header)
+        baseline = None
+        for workers in args.workers:
+            out = Path(scratch) / f"index-{workers}"
+            index = ImageIndex.build(
+                folder, bridge, out, workers=workers, batch_size=args.batch_size, progress=False
+            )
+            summary = index.summary
+            assert summary.indexed == args.n, summary
+            rate = args.n / summary.seconds
+            baseline = baseline or rate
+            busy = f"{100 * args.n * decode_ms / 1e3 / (workers * summary.seconds):.0f}" if workers else "-"
+            model, waiting = (
+                100 * t / summary.seconds for t in (summary.model_seconds, summary.decode_wait_seconds)
+            )
+            print(f"{workers:>8}{summary.seconds:>9.1f}{rate:>9.1f}{model:>9.0f}{waiting:>11.0f}{busy:>16}")
+        print(
+            f"\nratio: workers={args.workers[-1]} / workers={args.workers[0]}: {rate / baseline:.2f}x the images per second"
+        )
+        started = time.perf_counter()
+        rerun = ImageIndex.build(folder, bridge, out, workers=args.workers[-1], progress=False).summary
+        print(
+            f"rerun on the unchanged folder: {time.perf_counter() - started:.2f} s, "
+            f"indexed {rerun.indexed}, unchanged {rerun.unchanged}"
+        )
+        print("model % and waiting %: the main process's wall time running the model / blocked on decoding")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,655 @@
+"""The image index: every image under a folder, embedded once, searchable by text, by image, or both.
+
+An index is a directory:
+
+    manifest.json              what is committed: format, bridge fingerprint, folder, shards and dropped rows
+    shard-000001.rows.jsonl    one JSON object a line: path (relative to the folder), size, mtime_ns, sha256
+    shard-000001.text.npy      (n, E) float16, L2-normalised bridge embeddings (the text space)
+    shard-000001.image.npy     (n, D) float16, L2-normalised DINOv2 CLS tokens (image-to-image search)
+    failures.log               the files the last run could not index, one "path: reason" a line
+    faiss-<space>-<gen>.index  HNSW graphs of large indexes, cached between searches
+
+Why a killed run loses nothing: a shard is written under a name no manifest mentions yet, then one
+`os.replace` of manifest.json commits it. Shards are never modified; the manifest lists the rows of deleted
+or changed files as dropped. So a run killed at any moment leaves the last manifest, naming only complete
+shards, and the next run deletes the orphans and embeds only what that manifest lacks.
+
+Not here: argument parsing (cli.py), image decoding rules (images.py), models (model.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+from bridge.images import ImageLoadError, is_supported_image, load_image, try_load_image
+from bridge.model import TextBridge
+
+log = logging.getLogger(__name__)
+
+FORMAT = "dinobridge-index/1"
+MANIFEST = "manifest.json"
+FAILURE_LOG = "failures.log"
+EXACT_UP_TO = 100_000  # backend="auto": one matrix product up to here, FAISS above (DESIGN.md)
+FLAT_UP_TO = 50_000  # FAISS: an exact flat index up to here, HNSW above (FAISS's "Guidelines to choose")
+HNSW_M = 32  # graph degree; FAISS suggests 4..64, 32 is the usual recall/memory balance
+HNSW_EF_CONSTRUCTION = 40  # FAISS's default; higher builds a better graph, proportionally slower
+HNSW_EF_SEARCH = 256  # candidates kept per query; FAISS's default of 16 loses recall in 256+ dimensions
+COMPACT_SHARDS = 32  # an update leaving more shards than this (or 25% of rows dropped) compacts the index
+SHARD_ROWS = 65_536  # rows per shard when compacting or saving
+
+Query = str | os.PathLike | Image.Image
+
+
+class IndexMismatchError(ValueError):
+    """A bridge whose fingerprint differs from the one that built the index."""
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    path: str  # relative to the indexed folder, "/"-separated
+    size: int
+    mtime_ns: int
+    sha256: str
+
+
+@dataclass
+class IndexSummary:
+    indexed: int = 0  # embedded in this run: new files and files whose content changed
+    unchanged: int = 0  # already indexed, including files touched but with the same content
+    removed: int = 0  # indexed before but gone from the folder
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), as in failures.log
+    total: int = 0  # images in the index after the run
+    seconds: float = 0.0
+    model_seconds: float = 0.0  # of which running the model
+    decode_wait_seconds: float = 0.0  # of which waiting for decoded images
+    failure_log: str = ""
+
+    def __str__(self) -> str:
+        lines = [
+            f"indexed {self.indexed}, unchanged {self.unchanged}, removed {self.removed}, failed "
+            f"{len(self.failed)} in {self.seconds:.1f} s; the index holds {self.total} images"
+        ]
+        lines += [f"  failed: {path}: {reason}" for path, reason in self.failed[:10]]
+        if self.failed:
+            lines.append(f"  ({len(self.failed)} failures in all, listed in {self.failure_log})")
+        return "\n".join(lines)
+
+
+@dataclass(eq=False)
+class _Shard:
+    name: str
+    records: list[FileRecord]
+    text: np.ndarray  # (n, E) float16
+    image: np.ndarray  # (n, D) float16
+    dropped: set[int] = field(default_factory=set)
+
+
+class ImageIndex:
+    """Embeddings of the images under one folder, made by one bridge. Make one with `ImageIndex.build`,
+    open one with `ImageIndex.load`; `search` returns [(absolute path, score)], best first."""
+
+    def __init__(self, directory: Path, manifest: dict, shards: list[_Shard], bridge: TextBridge | None):
+        self.directory, self.root = directory, Path(manifest["root"])
+        self.fingerprint: str = manifest["fingerprint"]
+        self.model_dir: str | None = manifest["model_dir"]  # where the bridge is saved, if it was said
+        self.summary: IndexSummary | None = None  # of the last build or update
+        self._manifest, self._bridge = manifest, None
+        self._set_shards(shards)
+        if bridge is not None:
+            self._use_bridge(bridge)
+
+    def _set_shards(self, shards: list[_Shard]) -> None:
+        self._shards = shards
+        self._live = {r.path: (s, i) for s in shards for i, r in enumerate(s.records) if i not in s.dropped}
+        self._views: dict[str, np.ndarray] = {}  # "text"/"image" -> (N, dim) live rows, made on first use
+        self._faiss: dict[str, object] = {}
+        self._paths: list[str] | None = None
+
+    # --- building and updating ------------------------------------------------------------------------
+
+    @classmethod
+    def build(
+        cls,
+        folder: str | os.PathLike,
+        bridge: TextBridge,
+        out_dir: str | os.PathLike,
+        workers: int | None = None,
+        model_dir: str | os.PathLike | None = None,
+        **options,
+    ) -> ImageIndex:
+        """Index every image under `folder` into `out_dir`, or update the index already there (embedding
+        only new and changed files). `model_dir`, where `bridge` is saved, is recorded for later searches.
+        `options` go to `update`; its summary is in `.summary`."""
+        root, directory = Path(folder).resolve(), Path(out_dir)
+        if (directory / MANIFEST).is_file():
+            index = cls.load(directory, bridge)
+            if index.root != root:
+                raise ValueError(
+                    f"index '{directory}' indexes folder '{index.root}', not '{root}'; "
+                    "give each folder its own index directory"
+                )
+        else:
+            directory.mkdir(parents=True, exist_ok=True)
+            manifest = {"format": FORMAT, "fingerprint": bridge.fingerprint(), "root": str(root)}
+            manifest |= {"model_dir": None, "generation": 0, "next_shard": 1, "shards": []}
+            index = cls(directory, manifest, [], bridge)
+        if model_dir is not None:
+            index._manifest["model_dir"] = index.model_dir = str(Path(model_dir).resolve())
+        index.summary = index.update(workers=workers, **options)
+        return index
+
+    def update(
+        self,
+        bridge: TextBridge | None = None,
+        workers: int | None = None,
+        batch_size: int = 64,
+        commit_every: int = 512,
+        progress: bool = True,
+    ) -> IndexSummary:
+        """Bring the index in line with its folder: embed new and changed files, drop deleted ones.
+
+        Files are decoded in `workers` processes (None: one per core but one; 0: in this process), and
+        embedded here, `batch_size` at a time; every `commit_every` images are committed, so a killed run
+        keeps them. A file whose size or mtime changed is hashed, and re-embedded only if its content
+        changed. Failed files are reported in the summary and failures.log, and retried on the next run.
+        Worker processes start like `multiprocessing`'s "forkserver": a script calling this needs an
+        `if __name__ == "__main__":` guard.
+        """
+        bridge = self._use_bridge(bridge)
+        if not self.root.is_dir():  # an unmounted drive must not read as "every image was deleted"
+            raise FileNotFoundError(f"folder '{self.root}' indexed by '{self.directory}' is not there")
+        started, summary = time.perf_counter(), IndexSummary()
+        self._remove_orphans()
+        tasks, gone = self._scan(summary)
+        if gone:
+            self._commit([], [], [], drops=gone)
+            summary.removed = len(gone)
+
+        records, text, image, drops, batch = [], [], [], [], []
+
+        def embed_batch() -> None:
+            clock = time.perf_counter()
+            vectors = _embed(bridge, [pixels for _, pixels in batch])
+            summary.model_seconds += time.perf_counter() - clock
+            records.extend(record for record, _ in batch)
+            text.extend(vectors[0])
+            image.extend(vectors[1])
+            batch.clear()
+
+        timing = {"wait": 0.0}
+        results = _prepared_in_order(tasks, bridge.encoder.preprocessing, workers, 2 * batch_size, timing)
+        for (path, relative, size, mtime_ns, _), result in tqdm(
+            results, total=len(tasks), desc="indexing", unit="img", disable=not progress
+        ):
+            if isinstance(result, ImageLoadError):
+                summary.failed.append((path, result.reason))
+                if relative in self._live:  # changed and now unreadable: its old embedding is stale
+                    drops.append(self._live[relative])
+                continue
+            record = FileRecord(relative, size, mtime_ns, sha256=result[0])
+            if result[1] is None:  # touched but the same content: keep the embeddings, update the record
+                shard, row = self._live[relative]
+                records.append(record)
+                text.append(shard.text[row])
+                image.append(shard.image[row])
+                summary.unchanged += 1
+            else:
+                batch.append((record, result[1]))
+                summary.indexed += 1
+                if len(batch) >= batch_size or len(records) + len(batch) >= commit_every:
+                    embed_batch()
+            if len(records) >= commit_every:
+                self._commit(records, text, image, drops)
+                records, text, image, drops = [], [], [], []
+        if batch:
+            embed_batch()
+        if records or drops:
+            self._commit(records, text, image, drops)
+        if len(self._shards) > COMPACT_SHARDS or 4 * sum(len(s.dropped) for s in self._shards) > len(self):
+            self.save(self.directory)
+
+        summary.failure_log = str(self.directory / FAILURE_LOG)
+        _write_atomic(self.directory / FAILURE_LOG, "".join(f"{p}: {r}\n" for p, r in summary.failed))
+        summary.total, summary.decode_wait_seconds = len(self), timing["wait"]
+        summary.seconds = time.perf_counter() - started
+        log.info("index '%s': %s", self.directory, summary)
+        return summary
+
+    def _scan(self, summary: IndexSummary) -> tuple[list[tuple], list[tuple[_Shard, int]]]:
+        """Walk the folder: (files to read, rows of files gone). Files whose size and mtime match their
+        record count as unchanged unread; files that cannot even be stat'ed count as failed."""
+        tasks, seen = [], set()
+        for path in _image_files(self.root, summary.failed):
+            relative = path.relative_to(self.root).as_posix()
+            try:
+                stat = path.stat()
+            except OSError:  # a broken link, say: the loader words the reason
+                error = try_load_image(path)[1] or ImageLoadError(str(path), "cannot read its size")
+                summary.failed.append((str(path), error.reason))
+                continue
+            seen.add(relative)
+            old = self._record(relative)
+            if old is not None and (old.size, old.mtime_ns) == (stat.st_size, stat.st_mtime_ns):
+                summary.unchanged += 1
+            else:
+                known = old.sha256 if old else None
+                tasks.append((str(path), relative, stat.st_size, stat.st_mtime_ns, known))
+        return tasks, [self._live[relative] for relative in self._live if relative not in seen]
+
+    def _commit(self, records: list[FileRecord], text: list, image: list, drops: list) -> None:
+        """Write one shard (if there are records) and the manifest naming it: the moment the index changes.
+        A record whose path is indexed replaces that row in the same commit, so no path is ever doubled."""
+        drops = drops + [self._live[r.path] for r in records if r.path in self._live]
+        shards, number = list(self._shards), self._manifest["next_shard"]
+        if records:
+            shards.append(_write_shard(self.directory, number, records, np.stack(text), np.stack(image)))
+        dropped = {s.name: set(s.dropped) for s in shards}
+        for shard, row in drops:
+            dropped[shard.name].add(row)
+        kept = [s for s in shards if len(dropped[s.name]) < len(s.records)]
+        self._write_manifest(kept, dropped, next_shard=number + bool(records))
+        for shard in shards:  # committed: only now does the index in memory follow
+            shard.dropped = dropped[shard.name]
+            if shard not in kept:
+                _delete_shard_files(self.directory, shard.name)
+        self._set_shards(kept)
+
+    def _write_manifest(self, shards: list[_Shard], dropped: dict[str, set[int]], next_shard: int) -> None:
+        manifest = dict(self._manifest, generation=self._manifest["generation"] + 1, next_shard=next_shard)
+        manifest["shards"] = [
+            {"name": s.name, "rows": len(s.records), "dropped": sorted(dropped[s.name])} for s in shards
+        ]
+        _write_atomic(self.directory / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+        self._manifest = manifest
+
+    def _remove_orphans(self) -> None:
+        """Files a killed run wrote but never committed. Only writers call this; readers never delete."""
+        named = {s.name for s in self._shards}
+        for path in self.directory.iterdir():
+            orphan = path.name.startswith("shard-") and path.name.split(".")[0] not in named
+            if orphan or path.suffix == ".tmp":
+                path.unlink()
+
+    def _record(self, relative: str) -> FileRecord | None:
+        shard, row = self._live.get(relative, (None, 0))
+        return shard.records[row] if shard else None
+
+    # --- saving and loading ---------------------------------------------------------------------------
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write the index compacted into as few shards as possible: into its own directory (in place,
+        atomically), or into a new empty one (a copy; this object keeps following its own)."""
+        directory = Path(directory)
+        in_place = directory.resolve() == self.directory.resolve()
+        if not in_place and directory.exists() and any(directory.iterdir()):
+            raise FileExistsError(f"cannot save the index into '{directory}': it is not empty")
+        directory.mkdir(parents=True, exist_ok=True)
+        first = self._manifest["next_shard"] if in_place else 1
+        paths, text, image, shards = self.paths, self._view("text"), self._view("image"), []
+        for number, start in enumerate(range(0, len(paths), SHARD_ROWS), start=first):
+            rows = slice(start, start + SHARD_ROWS)
+            records = [self._record(p) for p in paths[rows]]
+            shards.append(_write_shard(directory, number, records, text[rows], image[rows]))
+        target = self if in_place else ImageIndex(directory, dict(self._manifest, generation=0), [], None)
+        old = self._shards if in_place else []
+        target._write_manifest(shards, {s.name: set() for s in shards}, next_shard=first + len(shards))
+        target._set_shards(shards)
+        for shard in old:
+            _delete_shard_files(directory, shard.name)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, bridge: TextBridge | None = None) -> ImageIndex:
+        """Open a saved index; with `bridge`, check that it is the one that built the index. Embeddings are
+        memory-mapped until the first search."""
+        directory = Path(directory)
+        manifest = _read_manifest(directory)
+        return cls(directory, manifest, [_read_shard(directory, e) for e in manifest["shards"]], bridge)
+
+    # --- searching ------------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    @property
+    def paths(self) -> list[str]:
+        """Indexed paths relative to `root`, in the row order of the search matrices."""
+        if self._paths is None:
+            self._paths = [
+                r.path for s in self._shards for i, r in enumerate(s.records) if i not in s.dropped
+            ]
+        return self._paths
+
+    @property
+    def bridge(self) -> TextBridge | None:
+        return self._bridge
+
+    def search(
+        self,
+        text: str | Sequence[str] | None = None,
+        image: Query | Sequence[Query] | None = None,
+        minus: str | Sequence[str] | None = None,
+        k: int = 10,
+        backend: str = "auto",
+    ) -> list[tuple[str, float]]:
+        """The k best (path, cosine score), best first.
+
+        `image` alone searches DINOv2's CLS space: image-to-image similarity, where DINOv2 is strong.
+        Anything with text searches the bridge's text space, with the sum of the normalised query vectors,
+        +1 for each `text` and `image`, -1 for each `minus` ("a beach" minus "people"), renormalised, as
+        rclip does. `backend`: "exact", "faiss" or "auto" (exact up to EXACT_UP_TO images).
+        """
+        bridge = self._use_bridge(None)
+        texts, images, minus = _as_list(text), _as_list(image), _as_list(minus)
+        if not texts and not images:
+            raise ValueError("search needs text=... or image=...; minus=... alone says what to avoid")
+        if images:  # each image gives its bridge embedding and its DINOv2 CLS token, both normalised
+            pixels = [p.numpy() for p in bridge.encoder.preprocessing([load_image(i) for i in images])]
+            bridged, cls = (torch.from_numpy(v.astype(np.float32)).sum(0) for v in _embed(bridge, pixels))
+        if not texts and not minus:
+            return self._nearest("image", F.normalize(cls, dim=0).numpy(), k, backend)
+        with torch.no_grad():
+            parts = [bridge.encode_text(texts).sum(0).cpu()] if texts else []
+            parts += [bridged] if images else []
+            parts += [-bridge.encode_text(minus).sum(0).cpu()] if minus else []
+        return self._nearest("text", F.normalize(torch.stack(parts).sum(0), dim=0).numpy(), k, backend)
+
+    def _nearest(self, space: str, query: np.ndarray, k: int, backend: str) -> list[tuple[str, float]]:
+        if backend not in ("auto", "exact", "faiss"):
+            raise ValueError(f"backend must be 'auto', 'exact' or 'faiss', got {backend!r}")
+        if len(self) == 0:
+            return []
+        if backend == "faiss" or (backend == "auto" and len(self) > EXACT_UP_TO):
+            backend = "faiss" if _import_faiss() is not None else "exact"
+        if backend == "faiss":
+            scores, rows = self._faiss_index(space).search(query[None].astype(np.float32), min(k, len(self)))
+        else:
+            scores, rows = exact_search(self._view(space), query[None], k)
+        found = zip(scores[0].tolist(), rows[0].tolist(), strict=True)
+        return [(str(self.root / self.paths[row]), score) for score, row in found if row >= 0]
+
+    def _view(self, space: str) -> np.ndarray:
+        """(N, dim) float16 live rows of one space ("text" or "image"), in `paths` order."""
+        if space not in self._views:
+            parts = [np.delete(getattr(s, space), sorted(s.dropped), axis=0) for s in self._shards]
+            self._views[space] = np.concatenate(parts) if parts else np.zeros((0, 1), np.float16)
+        return self._views[space]
+
+    def _faiss_index(self, space: str):
+        """A FAISS index over one space, kept in memory and, when it is HNSW (slow to build), on disk."""
+        if space not in self._faiss:
+            faiss = _import_faiss()
+            path = self.directory / f"faiss-{space}-{self._manifest['generation']}.index"
+            if path.is_file():
+                self._faiss[space] = faiss.read_index(str(path))
+                return self._faiss[space]
+            self._faiss[space] = build_faiss_index(self._view(space))
+            if len(self) > FLAT_UP_TO:
+                try:  # searching a read-only index still works, only slower to start
+                    for stale in self.directory.glob(f"faiss-{space}-*.index"):
+                        stale.unlink()
+                    faiss.write_index(self._faiss[space], f"{path}.tmp")
+                    os.replace(f"{path}.tmp", path)
+                except (OSError, RuntimeError) as error:
+                    log.warning("could not cache the FAISS index in '%s': %s", path, error)
+        return self._faiss[space]
+
+    def _use_bridge(self, bridge: TextBridge | None) -> TextBridge:
+        if bridge is not None and bridge is not self._bridge:
+            if bridge.fingerprint() != self.fingerprint:
+                made_by = f" (saved at '{self.model_dir}')" if self.model_dir else ""
+                raise IndexMismatchError(
+                    f"index '{self.directory}' was built by the bridge with fingerprint {self.fingerprint}"
+                    f"{made_by}, but this bridge's fingerprint is {bridge.fingerprint()}; the embeddings of "
+                    "two models never mix. Query with the bridge that built it, or rebuild the index with "
+                    f"this model into a new directory: dinobridge index '{self.root}' --model <this model's "
+                    "directory> --out <new index directory>"
+                )
+            self._bridge = bridge
+        if self._bridge is None:
+            raise ValueError(
+                f"index '{self.directory}' needs the bridge that built it to embed queries: "
+                f"ImageIndex.load(directory, bridge), with the bridge saved at '{self.model_dir or 'unknown'}'"
+            )
+        return self._bridge
+
+
+# --- exact and FAISS back-ends ------------------------------------------------------------------------
+
+
+def exact_search(embeddings: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k inner products of queries (Q, D) with float16 embeddings (N, D): (scores, rows), (Q, k) each,
+    best first. One float16 matrix product (torch reads the stored matrix as it is, ~10x faster here than
+    upcasting it in chunks) picks max(4k, k+64) candidates, which are re-scored in float32; the result
+    is float32-exact unless that many scores lie within float16 rounding (under 5e-4) of the k-th."""
+    queries, k = np.asarray(queries, np.float32), min(k, len(embeddings))
+    rough = torch.from_numpy(queries).half() @ torch.from_numpy(np.asarray(embeddings, np.float16)).T
+    candidates = torch.topk(rough, min(len(embeddings), max(4 * k, k + 64)), dim=1).indices.numpy()
+    scores = np.einsum("qd,qcd->qc", queries, embeddings[candidates].astype(np.float32))
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(candidates, order, 1)
+
+
+def build_faiss_index(embeddings: np.ndarray, flat_up_to: int = FLAT_UP_TO, chunk_rows: int = 65_536):
+    """An inner-product FAISS index over (N, D) normalised embeddings, its type chosen by size: exact flat
+    up to `flat_up_to`, HNSW (M=32) above, FAISS's advice where memory is not the constraint."""
+    faiss = _import_faiss()
+    if faiss is None:
+        raise ImportError("the FAISS back-end needs faiss-cpu: pip install faiss-cpu")
+    dim = embeddings.shape[1]
+    if len(embeddings) <= flat_up_to:
+        index = faiss.IndexFlatIP(dim)
+    else:
+        index = faiss.IndexHNSWFlat(dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction, index.hnsw.efSearch = HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH
+    for start in range(0, len(embeddings), chunk_rows):
+        index.add(np.ascontiguousarray(embeddings[start : start + chunk_rows], np.float32))
+    return index
+
+
+_faiss_missing_logged = False
+
+
+def _import_faiss():
+    global _faiss_missing_logged
+    try:
+        import faiss
+    except ImportError:
+        if not _faiss_missing_logged:
+            log.warning("faiss is not installed (pip install faiss-cpu): searching with the exact back-end")
+            _faiss_missing_logged = True
+        return None
+    return faiss
+
+
+# --- decoding in worker processes, embedding here -----------------------------------------------------
+
+
+def _prepare(
+    path: str, known_sha256: str | None, preprocessing
+) -> tuple[str, np.ndarray | None] | ImageLoadError:
+    """One file -> (sha256, preprocessed pixels (3, S, S) float32, or None if the content is the known
+    one), or its ImageLoadError. Runs in a worker, so it returns errors rather than raising them."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read()
+    except OSError:
+        return try_load_image(path)[1] or ImageLoadError(path, "cannot read the file")
+    sha256 = hashlib.sha256(data).hexdigest()
+    if sha256 == known_sha256:
+        return sha256, None
+    image, error = try_load_image(data)
+    if error is not None:
+        return ImageLoadError(path, error.reason)  # the loader saw bytes; name the file
+    return sha256, preprocessing([image])[0].numpy()
+
+
+def _prepared_in_order(
+    tasks: list, preprocessing, workers: int | None, window: int, timing: dict
+) -> Iterator:
+    """(task, _prepare result) in task order, never more than `window` files ahead of the consumer, so a
+    slow model does not let decoded images pile up. Adds the time spent waiting to timing["wait"]."""
+    workers = max(1, (os.cpu_count() or 2) - 1) if workers is None else workers
+    if workers == 0 or not tasks:
+        for task in tasks:
+            clock = time.perf_counter()
+            result = _prepare(task[0], task[-1], preprocessing)
+            timing["wait"] += time.perf_counter() - clock
+            yield task, result
+        return
+    # forkserver: workers fork from a clean process that imported this module once, not from this one,
+    # whose torch and tokenizer threads fork does not copy safely, and without re-importing as spawn does.
+    # (Windows has only spawn.)
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    if context.get_start_method() == "forkserver":
+        context.set_forkserver_preload([__name__])
+    pool = ProcessPoolExecutor(workers, context, initializer=torch.set_num_threads, initargs=(1,))
+    pending: deque = deque()
+
+    def oldest() -> tuple:
+        task, future = pending.popleft()
+        clock = time.perf_counter()
+        result = future.result()
+        timing["wait"] += time.perf_counter() - clock
+        return task, result
+
+    try:
+        for task in tasks:
+            pending.append((task, pool.submit(_prepare, task[0], task[-1], preprocessing)))
+            if len(pending) >= max(window, 4 * workers):
+                yield oldest()
+        while pending:
+            yield oldest()
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+@torch.no_grad()
+def _embed(bridge: TextBridge, pixels: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Preprocessed images -> (text-space, DINOv2 CLS) embeddings, normalised float16, from one encoder
+    pass."""
+    features = bridge.encoder(torch.from_numpy(np.stack(pixels)))
+    text = bridge.encode_image(features)
+    image = F.normalize(features.cls.float(), dim=-1)
+    return text.cpu().numpy().astype(np.float16), image.cpu().numpy().astype(np.float16)
+
+
+# --- files ----------------------------------------------------------------------------------------------
+
+
+def _image_files(root: Path, failed: list[tuple[str, str]]) -> Iterator[Path]:
+    """Supported image files under `root`, recursively, sorted. Links to files are followed, links to
+    folders are not (no loops); folders that cannot be listed are reported in `failed`."""
+
+    def unlisted(error: OSError) -> None:
+        failed.append((str(error.filename), f"cannot list the folder ({error.strerror or error})"))
+
+    for folder, subfolders, files in os.walk(root, onerror=unlisted):
+        subfolders.sort()
+        yield from (Path(folder, name) for name in sorted(files) if is_supported_image(name))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    with open(f"{path}.tmp", "w", encoding="utf-8", errors="surrogateescape") as file:  # any file name
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(f"{path}.tmp", path)
+
+
+def _write_shard(directory: Path, number: int, records: list, text: np.ndarray, image: np.ndarray) -> _Shard:
+    name = f"shard-{number:06d}"
+    text, image = np.ascontiguousarray(text, np.float16), np.ascontiguousarray(image, np.float16)
+    for suffix, array in (("text", text), ("image", image)):
+        with open(directory / f"{name}.{suffix}.npy", "wb") as file:
+            np.save(file, array, allow_pickle=False)
+            file.flush()
+            os.fsync(file.fileno())
+    _write_atomic(directory / f"{name}.rows.jsonl", "".join(json.dumps(asdict(r)) + "\n" for r in records))
+    return _Shard(name, list(records), text, image)
+
+
+def _read_manifest(directory: Path) -> dict:
+    if not (directory / MANIFEST).is_file():
+        raise FileNotFoundError(f"'{directory}' is not an image index: it has no {MANIFEST}")
+    manifest = json.loads((directory / MANIFEST).read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"'{directory / MANIFEST}' has format {manifest.get('format')!r}, not {FORMAT!r}")
+    return manifest
+
+
+def _read_shard(directory: Path, entry: dict) -> _Shard:
+    name = entry["name"]
+    records = [
+        FileRecord(**json.loads(line)) for line in (directory / f"{name}.rows.jsonl").read_text().splitlines()
+    ]
+    text, image = (
+        np.load(directory / f"{name}.{s}.npy", mmap_mode="r", allow_pickle=False) for s in ("text", "image")
+    )
+    if not len(records) == len(text) == len(image) == entry["rows"]:
+        raise ValueError(
+            f"index shard '{directory / name}' is damaged: the manifest says {entry['rows']} rows, its files "
+            f"hold {len(records)} records, {len(text)} and {len(image)} embeddings; rebuild the index"
+        )
+    return _Shard(name, records, text, image, set(entry["dropped"]))
+
+
+def _delete_shard_files(directory: Path, name: str) -> None:
+    for suffix in ("rows.jsonl", "text.npy", "image.npy"):
+        (directory / f"{name}.{suffix}").unlink(missing_ok=True)
+
+
+def _as_list(value) -> list:
+    if value is None:
+        return []
+    return [value] if isinstance(value, (str, os.PathLike, Image.Image)) else list(value)
+
+
+# --- the CLI's two verbs (cli.py parses the arguments and prints) ---------------------------------------
+
+
+def run_index_command(
+    folder: str | os.PathLike, model_dir: str | os.PathLike, out_dir: str | os.PathLike, workers: int | None
+) -> IndexSummary:
+    """`dinobridge index`: index `folder` (or update its index) with the bridge saved in `model_dir`."""
+    bridge = TextBridge.from_pretrained(model_dir)
+    return ImageIndex.build(folder, bridge, out_dir, workers=workers, model_dir=model_dir).summary
+
+
+def run_search_command(
+    index_dir: str | os.PathLike,
+    model_dir: str | os.PathLike | None,
+    texts: Sequence[str],
+    minus_texts: Sequence[str],
+    images: Sequence[str],
+    k: int,
+    as_json: bool,
+) -> str:
+    """`dinobridge search`: the text to print, "score  path" lines or a JSON list of {"path", "score"}.
+    `model_dir` None means the bridge directory the index recorded when it was built."""
+    model_dir = model_dir or _read_manifest(Path(index_dir))["model_dir"]
+    if model_dir is None:
+        raise ValueError(
+            f"index '{index_dir}' does not record its model; pass the bridge directory (--model)"
+        )
+    index = ImageIndex.load(index_dir, TextBridge.from_pretrained(model_dir))
+    results = index.search(text=texts, image=images, minus=minus_texts, k=k)
+    if as_json:
+        return json.dumps([{"path": path, "score": round(score, 6)} for path, score in results], indent=1)
+    return "\n".join(f"{score:.4f}  {path}" for path, score in results) or f"index '{index_dir}' is empty"
