@@ -233,3 +233,31 @@ def test_train_and_eval_retrieval_commands_on_a_jsonl_of_ones_own_images(photo_f
     # 60 steps on 12 images: it learnt them, well above the 1/16 chance of a random bridge.
     assert metrics["text_to_image_R@1"] >= 0.5
     assert 0 <= metrics["image_to_text_R@10"] <= 1
+
+
+def test_eval_zeroshot_on_an_image_folder_counts_images_classes_and_skips_bad_files(
+    tmp_path, tiny_bridge, capsys
+):
+    world = SyntheticWorld(seed=5, max_objects=1)
+    for index, scene in enumerate(world.scenes(0, 12)):
+        folder = tmp_path / "classes" / scene.objects[0].colour
+        folder.mkdir(parents=True, exist_ok=True)
+        scene.render().save(folder / f"{index}.png")
+    classes = sorted(p.name for p in (tmp_path / "classes").iterdir())
+    (tmp_path / "classes" / classes[0] / "broken.jpg").write_bytes(b"not an image")
+    tiny_bridge.save_pretrained(tmp_path / "bridge")
+    argv = [
+        "eval",
+        "zeroshot",
+        "--model",
+        str(tmp_path / "bridge"),
+        "--data",
+        str(tmp_path / "classes"),
+        "--json",
+    ]
+    assert main(argv) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert (metrics["images"], metrics["classes"], metrics["skipped"]) == (12, len(classes), 1)
+    assert 0 <= metrics["top1"] <= metrics["top5"] <= 1
+    if len(classes) <= 5:
+        assert metrics["top5"] == 1.0  # top-5 of five or fewer classes always holds the right one
