@@ -88,17 +88,18 @@ class Preprocessing:
             if self.resize_shortest_edge is None:
                 image = image.resize((side, side), Image.BICUBIC)
             else:
-                scale = self.resize_shortest_edge / min(image.size)
-                w, h = (max(side, round(d * scale)) for d in image.size)
-                if (w, h) != image.size:
-                    image = image.resize((w, h), Image.BICUBIC)
-                left, top = (w - side) // 2, (h - side) // 2
-                image = image.crop((left, top, left + side, top + side))
-            arrays.append(np.asarray(image, dtype=np.uint8))
-        pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255)
-        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
-        std = torch.tensor(self.std).view(1, 3, 1, 1)
-        return (pixels - mean) / std
+                # Resize the shortest edge, then centre-crop: done as crop-then-resize in the original's
+                # pixels, so a 10000x3 panorama never becomes an 853,000x256 intermediate.
+                crop = side * min(image.size) / self.resize_shortest_edge
+                width, height = (min(d, crop) for d in image.size)
+                left, top = (image.size[0] - width) / 2, (image.size[1] - height) / 2
+                image = image.resize((side, side), Image.BICUBIC, box=(left, top, left + width, top + height))
+            arrays.append(np.asarray(image, dtype=np.float32))
+        # numpy, not torch, for this elementwise work: torch's thread pool costs more than it saves here.
+        mean = np.asarray(self.mean, dtype=np.float32) * 255
+        std = np.asarray(self.std, dtype=np.float32) * 255
+        pixels = (np.stack(arrays) - mean) / std
+        return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
 
 
 class FrozenEncoder(nn.Module):
