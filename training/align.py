@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from bridge.config import ConfigError, RunConfig, TrainConfig, to_dict
 from bridge.model import TextBridge, read_safetensors
 from training.cache import CachedFeatures, FeatureCache, TextCache
-from training.data import held_out_split, load_pairs, synthetic_pairs
+from training.data import held_out_split, load_pairs, parse_synthetic_spec, synthetic_pairs
 from training.evaluate import retrieval_recall
 from training.losses import LOSSES
 
@@ -83,9 +83,10 @@ class AlignmentData:
         """
         pairs = load_pairs(data, image_root)
         if data.startswith("synthetic:"):
+            _, seed = parse_synthetic_spec(data)
             count = int(config.held_out if config.held_out >= 1 else config.held_out * len(pairs))
-            seed = pairs[0].origin.split(":")[1]
-            train, held_out = pairs, synthetic_pairs(count, seed=int(seed), start=10**7, distinct=True)
+            # Far past any training index, so no held-out scene was seen in training.
+            train, held_out = pairs, synthetic_pairs(count, seed=seed, start=10**7, distinct=True)
         else:
             train, held_out = held_out_split(pairs, config.held_out, config.seed)
         feature_cache = FeatureCache(cache_dir, bridge.encoder)

@@ -53,7 +53,7 @@ def load_pairs(spec: str, image_root: str | None = None) -> list[Pair]:
     the JSON's folder), or `synthetic:N` (N scenes of the synthetic world, seed 0; `synthetic:N:SEED`).
     """
     if spec.startswith("synthetic:"):
-        count, seed = _parse_synthetic(spec)
+        count, seed = parse_synthetic_spec(spec)
         return synthetic_pairs(count, seed=seed)
     path = Path(spec)
     if not path.is_file():
@@ -104,7 +104,8 @@ def load_image_folder(root: str | Path) -> tuple[list[str], list[int], list[str]
     return paths, labels, [name.replace("_", " ") for name in classes]
 
 
-def _parse_synthetic(spec: str) -> tuple[int, int]:
+def parse_synthetic_spec(spec: str) -> tuple[int, int]:
+    """`synthetic:N` or `synthetic:N:SEED` -> (N, SEED)."""
     parts = spec.split(":")
     try:
         count, seed = int(parts[1]), int(parts[2]) if len(parts) > 2 else 0
