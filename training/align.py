@@ -90,7 +90,7 @@ class AlignmentData:
         else:
             train, held_out = held_out_split(pairs, config.held_out, config.seed)
         feature_cache = FeatureCache(cache_dir, bridge.encoder)
-        text_cache = TextCache(cache_dir, bridge.tower)
+        text_cache = TextCache(cache_dir, bridge.tower, progress)
         parts = [
             feature_cache.features(split, workers=config.num_workers, progress=progress)
             for split in (train, held_out)

@@ -175,8 +175,9 @@ class FeatureCache:
 class TextCache:
     """Frozen-tower embeddings of captions, computed once per tower and caption."""
 
-    def __init__(self, root: str | Path, tower: TextTower):
+    def __init__(self, root: str | Path, tower: TextTower, progress: bool = True):
         self.tower = tower
+        self.progress = progress
         settings = json.dumps(tower.config.__dict__, sort_keys=True, default=str)
         self.store = _Chunks(Path(root) / "text" / fingerprint(tower, settings), ("embeddings",))
 
@@ -185,7 +186,10 @@ class TextCache:
         missing = list(dict.fromkeys(c for c in captions if c not in self.store.where))
         for start in range(0, len(missing), CHUNK_SIZE * 4):
             chunk = missing[start : start + CHUNK_SIZE * 4]
-            self.store.write(chunk, {"embeddings": self.tower.encode(chunk).numpy().astype(np.float32)})
+            self.store.write(
+                chunk,
+                {"embeddings": self.tower.encode(chunk, progress=self.progress).numpy().astype(np.float32)},
+            )
         if not captions:
             return torch.empty(0, self.tower.embed_dim)
         rows = np.array([self.store.where[c] for c in captions], dtype=np.int64)
