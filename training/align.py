@@ -166,36 +166,39 @@ def fit(
     bar = tqdm(
         range(start, config.steps), desc="training", initial=start, total=config.steps, disable=not progress
     )
-    for step in bar:
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(config, step)
-        with accelerator.accumulate(head):
-            images, texts = sample_batch(data.train, config, step)
-            with accelerator.autocast():
-                embeddings = head(data.train.features[images].to(accelerator.device))
-                unwrapped = accelerator.unwrap_model(head)
-                args = (
-                    (unwrapped.logit_scale,)
-                    if config.loss == "infonce"
-                    else (unwrapped.logit_scale, unwrapped.logit_bias)
-                )
-                loss = loss_fn(embeddings.float(), texts.to(accelerator.device), *args)
-            accelerator.backward(loss)
-            optimizer.step()
-            optimizer.zero_grad()
-        losses.append(loss.item())
-        log_file.write(
-            json.dumps({"step": step + 1, "loss": losses[-1], "lr": learning_rate(config, step)}) + "\n"
-        )
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        done = step + 1
-        if config.eval_every and done % config.eval_every == 0 and done < config.steps:
-            metrics = evaluate_alignment(bridge, data.held_out)
-            log.info("step %d: held-out text->image R@1 %.3f", done, metrics["text_to_image_R@1"])
-        if config.checkpoint_every and done % config.checkpoint_every == 0:
-            _save_checkpoint(out_dir, accelerator.unwrap_model(head), optimizer, done)
-    log_file.close()
-    bar.close()
+    head.train()
+    try:
+        for step in bar:
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(config, step)
+            with accelerator.accumulate(head):
+                images, texts = sample_batch(data.train, config, step)
+                with accelerator.autocast():
+                    embeddings = head(data.train.features[images].to(accelerator.device))
+                    unwrapped = accelerator.unwrap_model(head)
+                    args = (
+                        (unwrapped.logit_scale,)
+                        if config.loss == "infonce"
+                        else (unwrapped.logit_scale, unwrapped.logit_bias)
+                    )
+                    loss = loss_fn(embeddings.float(), texts.to(accelerator.device), *args)
+                accelerator.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad()
+            losses.append(loss.item())
+            log_file.write(
+                json.dumps({"step": step + 1, "loss": losses[-1], "lr": learning_rate(config, step)}) + "\n"
+            )
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            done = step + 1
+            if config.eval_every and done % config.eval_every == 0 and done < config.steps:
+                metrics = evaluate_alignment(bridge, data.held_out)
+                log.info("step %d: held-out text->image R@1 %.3f", done, metrics["text_to_image_R@1"])
+            if config.checkpoint_every and done % config.checkpoint_every == 0:
+                _save_checkpoint(out_dir, accelerator.unwrap_model(head), optimizer, done)
+    finally:  # an interrupted run still closes its log with a line per step it ran
+        log_file.close()
+        bar.close()
     metrics = evaluate_alignment(bridge, data.held_out)
     return TrainResult(config.steps, losses, metrics, data.skipped)
 
@@ -228,11 +231,14 @@ def sample_batch(
 def evaluate_alignment(
     bridge: TextBridge, data: CaptionedFeatures, batch_size: int = 512
 ) -> dict[str, float]:
-    """Held-out retrieval recall, the whole held-out set as the gallery."""
+    """Held-out retrieval recall, the whole held-out set as the gallery (projector in eval mode)."""
+    was_training = bridge.projector.training
+    bridge.projector.eval()
     embeddings = [
         bridge.encode_image(data.features[list(range(i, min(i + batch_size, len(data.features))))]).cpu()
         for i in range(0, len(data.features), batch_size)
     ]
+    bridge.projector.train(was_training)
     return retrieval_recall(torch.cat(embeddings), data.captions, data.caption_image.tolist())
 
 
