@@ -157,38 +157,32 @@ def _eval_retrieval(args) -> int:
 
 
 def _eval_zeroshot(args) -> int:
-    import torch
+    import torch.nn.functional as F
 
-    from bridge.images import try_load_image
     from bridge.model import TextBridge
-    from training.data import load_image_folder
+    from training.cache import FeatureCache
+    from training.data import Pair, load_image_folder
     from training.evaluate import PROMPT_TEMPLATES, zeroshot_accuracy
 
     bridge = TextBridge.from_pretrained(args.model)
     paths, labels, class_names = load_image_folder(args.data)
-    embeddings, kept, skipped = [], [], []
-    for start in range(0, len(paths), 64):
-        images = []
-        for index in range(start, min(start + 64, len(paths))):
-            image, error = try_load_image(paths[index])
-            if error:
-                skipped.append(str(error))
-            else:
-                images.append(image)
-                kept.append(labels[index])
-        if images:
-            embeddings.append(bridge.encode_image(images).detach())
-    if not embeddings:
-        raise ValueError(f"no image under '{args.data}' could be read; see the skipped files above")
+    # The feature cache decodes, skips unreadable files with their reason, and encodes, as for retrieval.
+    pairs = [Pair(path, [class_names[label]], path) for path, label in zip(paths, labels, strict=True)]
+    features = FeatureCache(Path(args.model) / "cache", bridge.encoder).features(pairs)
+    if len(features) == 0:
+        raise ValueError(f"no image under '{args.data}' could be read; see the warnings above")
+    label_of = dict(zip(paths, labels, strict=True))
+    kept = [label_of[pair.image] for pair in features.pairs]
     prompts = [template.format(name) for name in class_names for template in PROMPT_TEMPLATES]
     classes = bridge.encode_text(prompts).view(len(class_names), len(PROMPT_TEMPLATES), -1).mean(1)
-    metrics = zeroshot_accuracy(torch.cat(embeddings), torch.nn.functional.normalize(classes, dim=-1), kept)
-    metrics = {"images": len(kept), "classes": len(class_names), "skipped": len(skipped), **metrics}
+    images = bridge.encode_image(features[list(range(len(features)))]).detach()
+    metrics = zeroshot_accuracy(images, F.normalize(classes, dim=-1), kept)
+    metrics = {"images": len(kept), "classes": len(class_names), "skipped": len(features.failures), **metrics}
     if args.json:
         print(json.dumps(metrics, indent=2))
     else:
-        for message in skipped:
-            print(f"skipped {message}")
+        for origin, reason in features.failures:
+            print(f"skipped {origin}: {reason}")
         print(
             f"{len(kept)} images, {len(class_names)} classes: top-1 {metrics['top1']:.3f}, top-5 {metrics['top5']:.3f}"
         )
