@@ -132,6 +132,17 @@ def test_the_feature_cache_is_computed_once_and_keyed_by_the_encoder(tmp_path, t
     assert FeatureCache(tmp_path, other.encoder).directory != cache.directory
 
 
+def test_decode_workers_give_the_same_features_as_the_main_process(tmp_path, tiny_bridge):
+    pairs = load_pairs("synthetic:10")
+    alone = FeatureCache(tmp_path / "alone", tiny_bridge.encoder).features(
+        pairs, batch_size=3, progress=False
+    )
+    workers = FeatureCache(tmp_path / "workers", tiny_bridge.encoder).features(
+        pairs, batch_size=3, workers=2, progress=False
+    )
+    assert torch.equal(alone[list(range(10))].patches, workers[list(range(10))].patches)
+
+
 def test_a_corrupt_image_is_skipped_and_counted_never_a_crash(photo_folder):
     (photo_folder / "photos" / "scene05.jpg").write_bytes(b"this is a text file, not a jpeg")
     _, result = train_text_bridge(

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections import deque
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,24 +199,23 @@ class TextCache:
 
 
 def _decode_batches(
-    batches: list[list[Pair]], preprocessing: Preprocessing, workers: int
+    batches: list[list[Pair]], preprocessing: Preprocessing, workers: int, depth: int = 4
 ) -> Iterator[list[tuple[torch.Tensor | None, str | None]]]:
     """Decode and preprocess each batch, in `workers` processes when asked (the encoder stays here)."""
     if workers <= 0:
-        return (_decode_batch(batch, preprocessing) for batch in batches)
-    executor = ProcessPoolExecutor(workers)
-    # Keep a few batches in flight so decoding overlaps the encoder without holding the whole set.
-    return _prefetch(executor, batches, lambda batch: executor.submit(_decode_batch, batch, preprocessing))
-
-
-def _prefetch(executor: ProcessPoolExecutor, items: list, submit: Callable, depth: int = 4):
-    with executor:
-        futures = [submit(item) for item in items[:depth]]
-        for index in range(len(items)):
-            if index + depth < len(items):
-                futures.append(submit(items[index + depth]))
-            yield futures[index].result()
-            futures[index] = None
+        yield from (_decode_batch(batch, preprocessing) for batch in batches)
+        return
+    # At most `depth` batches in flight: decoding overlaps the encoder without holding the whole set.
+    # forkserver, as bridge/index.py: forking this process, whose torch threads are running, can hang.
+    context = multiprocessing.get_context("forkserver")
+    with ProcessPoolExecutor(workers, context, initializer=torch.set_num_threads, initargs=(1,)) as executor:
+        pending: deque = deque()
+        for batch in batches:
+            pending.append(executor.submit(_decode_batch, batch, preprocessing))
+            if len(pending) > depth:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def _decode_batch(
