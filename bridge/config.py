@@ -34,6 +34,23 @@ OFFLINE_DINOV2 = {
 }
 
 
+# The offline default LLM: a Llama-shaped decoder small enough to train from scratch on a 2-core machine
+# in minutes (the demo does), with the project's word-level tokenizer of the synthetic world.
+OFFLINE_LLM = {
+    "model_type": "llama",
+    "hidden_size": 128,
+    "intermediate_size": 384,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 512,
+    "tie_word_embeddings": True,
+}
+
+# peft's names for the attention and MLP projections of Llama, Qwen2, SmolLM, Mistral and the like.
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
 class ConfigError(ValueError):
     """A config that cannot be used; the message names the key, the value and the file."""
 
@@ -107,6 +124,64 @@ class TrainConfig:
 class RunConfig:
     bridge: BridgeConfig = field(default_factory=BridgeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class LLMConfig:
+    # Hub name or local directory of a transformers causal LM and its tokenizer. None builds
+    # `architecture` with random weights (seeded by `seed`) and the project's synthetic-world tokenizer.
+    name: str | None = None
+    architecture: dict[str, Any] = field(default_factory=lambda: dict(OFFLINE_LLM))
+    seed: int = 0
+    image_token: str = "<image>"  # the placeholder; added to the tokenizer when it lacks it
+
+
+@dataclass
+class LoraSettings:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    # Module names inside the LLM only: the adapter is attached to the language model, never the encoder.
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+
+
+@dataclass
+class VisionLLMConfig:
+    # The LLM route reads hidden_states[layer] (-1: the last block, before DINOv2's final layer norm),
+    # which is what LLaVA's vision_feature_layer selects: null (after the norm) cannot be exported.
+    encoder: EncoderConfig = field(default_factory=lambda: EncoderConfig(layer=-1))
+    projector: ProjectorConfig = field(default_factory=lambda: ProjectorConfig(kind="mlp"))
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    # LLaVA's vision_feature_select_strategy: "default" drops the CLS token (register tokens stay),
+    # "full" keeps every token.
+    select_strategy: str = "default"
+    lora: LoraSettings | None = None  # set when the LLM carries LoRA adapters
+
+
+@dataclass
+class VLMTrainConfig:
+    # 1: the projector alone on image-caption data (LLaVA's feature alignment). 2: the projector and LoRA
+    # adapters on conversations. 0: the projector and the whole LLM (only for the demo's tiny LLM trained
+    # from scratch, which has no language yet).
+    stage: int = 2
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 50
+    grad_accum: int = 1
+    mixed_precision: str = "no"  # no | bf16 | fp16, passed to accelerate
+    seed: int = 0
+    held_out: float = 200  # conversations held out for evaluation: a count, or a fraction if < 1
+    checkpoint_every: int = 500
+    cache_dir: str | None = None  # frozen-feature cache; None puts it under the output directory
+    num_workers: int = 0
+
+
+@dataclass
+class VLMRunConfig:
+    vlm: VisionLLMConfig = field(default_factory=VisionLLMConfig)
+    train: VLMTrainConfig = field(default_factory=VLMTrainConfig)
 
 
 def from_dict(cls: type, data: dict[str, Any], source: str = "<dict>", section: str = "") -> Any:

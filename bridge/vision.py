@@ -80,6 +80,25 @@ class Preprocessing:
             resize = round(resize * image_size / self.image_size)
         return Preprocessing(image_size, resize, self.mean, self.std)
 
+    def processor_config(self) -> dict:
+        """This preprocessing as a transformers BitImageProcessor config (what DINOv2 checkpoints ship)."""
+        prep = self
+        return {  # resample 3: bicubic, as __call__ resizes
+            "image_processor_type": "BitImageProcessor",
+            "do_resize": True,
+            "do_center_crop": prep.resize_shortest_edge is not None,
+            "size": {"shortest_edge": prep.resize_shortest_edge}
+            if prep.resize_shortest_edge
+            else {"height": prep.image_size, "width": prep.image_size},
+            "crop_size": {"height": prep.image_size, "width": prep.image_size},
+            "image_mean": list(prep.mean),
+            "image_std": list(prep.std),
+            "resample": 3,
+            "do_rescale": True,
+            "rescale_factor": 1 / 255,
+            "do_normalize": True,
+        }
+
     def __call__(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """RGB PIL images -> normalised pixel values (B, 3, S, S)."""
         side = self.image_size
@@ -210,22 +229,7 @@ class FrozenEncoder(nn.Module):
         """Write the encoder in transformers' format, with a preprocessor_config.json that reloads it."""
         directory = Path(directory)
         self.model.save_pretrained(directory)
-        prep = self.preprocessing
-        processor = {
-            "image_processor_type": "BitImageProcessor",
-            "do_resize": True,
-            "do_center_crop": prep.resize_shortest_edge is not None,
-            "size": {"shortest_edge": prep.resize_shortest_edge}
-            if prep.resize_shortest_edge
-            else {"height": prep.image_size, "width": prep.image_size},
-            "crop_size": {"height": prep.image_size, "width": prep.image_size},
-            "image_mean": list(prep.mean),
-            "image_std": list(prep.std),
-            "resample": 3,
-            "do_rescale": True,
-            "rescale_factor": 1 / 255,
-            "do_normalize": True,
-        }
+        processor = self.preprocessing.processor_config()
         (directory / "preprocessor_config.json").write_text(json.dumps(processor, indent=2))
 
 
