@@ -7,14 +7,15 @@ An index is a directory:
     shard-000001.text.npy      (n, E) float16, L2-normalised bridge embeddings (the text space)
     shard-000001.image.npy     (n, D) float16, L2-normalised DINOv2 CLS tokens (image-to-image search)
     failures.log               the files the last run could not index, one "path: reason" a line
-    faiss-<space>-<gen>.index  HNSW graphs of large indexes, cached between searches
+    faiss-<space>-<gen>.index  the FAISS index of a large index (bridge/search.py), cached between searches
 
 Why a killed run loses nothing: a shard is written under a name no manifest mentions yet, then one
 `os.replace` of manifest.json commits it. Shards are never modified; the manifest lists the rows of deleted
 or changed files as dropped. So a run killed at any moment leaves the last manifest, naming only complete
 shards, and the next run deletes the orphans and embeds only what that manifest lacks.
 
-Not here: argument parsing (cli.py), image decoding rules (images.py), models (model.py).
+Not here: argument parsing (cli.py), image decoding rules (images.py), models (model.py), the search
+back-ends (search.py).
 """
 
 from __future__ import annotations
@@ -22,12 +23,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
 import time
-from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -37,19 +35,16 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
+from bridge.decoding import ordered_map
 from bridge.images import ImageLoadError, is_supported_image, load_image, try_load_image
 from bridge.model import TextBridge
+from bridge.search import EXACT_UP_TO, FLAT_UP_TO, build_faiss_index, exact_search, faiss_search, import_faiss
 
 log = logging.getLogger(__name__)
 
 FORMAT = "dinobridge-index/1"
 MANIFEST = "manifest.json"
 FAILURE_LOG = "failures.log"
-EXACT_UP_TO = 100_000  # backend="auto": one matrix product up to here, FAISS above (DESIGN.md)
-FLAT_UP_TO = 50_000  # FAISS: an exact flat index up to here, HNSW above (FAISS's "Guidelines to choose")
-HNSW_M = 32  # graph degree; FAISS suggests 4..64, 32 is the usual recall/memory balance
-HNSW_EF_CONSTRUCTION = 40  # FAISS's default; higher builds a better graph, proportionally slower
-HNSW_EF_SEARCH = 256  # candidates kept per query; FAISS's default of 16 loses recall in 256+ dimensions
 COMPACT_SHARDS = 32  # an update leaving more shards than this (or 25% of rows dropped) compacts the index
 SHARD_ROWS = 65_536  # rows per shard when compacting or saving
 
@@ -193,9 +188,14 @@ class ImageIndex:
             batch.clear()
 
         timing = {"wait": 0.0}
-        results = _prepared_in_order(tasks, bridge.encoder.preprocessing, workers, 2 * batch_size, timing)
-        for (path, relative, size, mtime_ns, _), result in tqdm(
-            results, total=len(tasks), desc="indexing", unit="img", disable=not progress
+        jobs = [(path, known, bridge.encoder.preprocessing) for path, _, _, _, known in tasks]
+        results = ordered_map(_prepare, jobs, workers, 2 * batch_size, timing)
+        for (path, relative, size, mtime_ns, _), (_, result) in tqdm(
+            zip(tasks, results, strict=True),
+            total=len(tasks),
+            desc="indexing",
+            unit="img",
+            disable=not progress,
         ):
             if isinstance(result, ImageLoadError):
                 summary.failed.append((path, result.reason))
@@ -375,9 +375,9 @@ class ImageIndex:
         if len(self) == 0:
             return []
         if backend == "faiss" or (backend == "auto" and len(self) > EXACT_UP_TO):
-            backend = "faiss" if _import_faiss() is not None else "exact"
+            backend = "faiss" if import_faiss() is not None else "exact"
         if backend == "faiss":
-            scores, rows = self._faiss_index(space).search(query[None].astype(np.float32), min(k, len(self)))
+            scores, rows = faiss_search(self._faiss_index(space), self._view(space), query[None], k)
         else:
             scores, rows = exact_search(self._view(space), query[None], k)
         found = zip(scores[0].tolist(), rows[0].tolist(), strict=True)
@@ -391,9 +391,9 @@ class ImageIndex:
         return self._views[space]
 
     def _faiss_index(self, space: str):
-        """A FAISS index over one space, kept in memory and, when it is HNSW (slow to build), on disk."""
+        """A FAISS index over one space, kept in memory and, when it is quantised (slow to train), on disk."""
         if space not in self._faiss:
-            faiss = _import_faiss()
+            faiss = import_faiss()
             path = self.directory / f"faiss-{space}-{self._manifest['generation']}.index"
             if path.is_file():
                 self._faiss[space] = faiss.read_index(str(path))
@@ -429,55 +429,7 @@ class ImageIndex:
         return self._bridge
 
 
-# --- exact and FAISS back-ends ------------------------------------------------------------------------
-
-
-def exact_search(embeddings: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k inner products of queries (Q, D) with float16 embeddings (N, D): (scores, rows), (Q, k) each,
-    best first. One float16 matrix product (torch reads the stored matrix as it is, ~10x faster here than
-    upcasting it in chunks) picks max(4k, k+64) candidates, which are re-scored in float32; the result
-    is float32-exact unless that many scores lie within float16 rounding (under 5e-4) of the k-th."""
-    queries, k = np.asarray(queries, np.float32), min(k, len(embeddings))
-    rough = torch.from_numpy(queries).half() @ torch.from_numpy(np.asarray(embeddings, np.float16)).T
-    candidates = torch.topk(rough, min(len(embeddings), max(4 * k, k + 64)), dim=1).indices.numpy()
-    scores = np.einsum("qd,qcd->qc", queries, embeddings[candidates].astype(np.float32))
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(scores, order, 1), np.take_along_axis(candidates, order, 1)
-
-
-def build_faiss_index(embeddings: np.ndarray, flat_up_to: int = FLAT_UP_TO, chunk_rows: int = 65_536):
-    """An inner-product FAISS index over (N, D) normalised embeddings, its type chosen by size: exact flat
-    up to `flat_up_to`, HNSW (M=32) above, FAISS's advice where memory is not the constraint."""
-    faiss = _import_faiss()
-    if faiss is None:
-        raise ImportError("the FAISS back-end needs faiss-cpu: pip install faiss-cpu")
-    dim = embeddings.shape[1]
-    if len(embeddings) <= flat_up_to:
-        index = faiss.IndexFlatIP(dim)
-    else:
-        index = faiss.IndexHNSWFlat(dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction, index.hnsw.efSearch = HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH
-    for start in range(0, len(embeddings), chunk_rows):
-        index.add(np.ascontiguousarray(embeddings[start : start + chunk_rows], np.float32))
-    return index
-
-
-_faiss_missing_logged = False
-
-
-def _import_faiss():
-    global _faiss_missing_logged
-    try:
-        import faiss
-    except ImportError:
-        if not _faiss_missing_logged:
-            log.warning("faiss is not installed (pip install faiss-cpu): searching with the exact back-end")
-            _faiss_missing_logged = True
-        return None
-    return faiss
-
-
-# --- decoding in worker processes, embedding here -----------------------------------------------------
+# --- decoding (in worker processes, by decoding.py) and embedding here -----------------------------------------------------
 
 
 def _prepare(
@@ -497,47 +449,6 @@ def _prepare(
     if error is not None:
         return ImageLoadError(path, error.reason)  # the loader saw bytes; name the file
     return sha256, preprocessing([image])[0].numpy()
-
-
-def _prepared_in_order(
-    tasks: list, preprocessing, workers: int | None, window: int, timing: dict
-) -> Iterator:
-    """(task, _prepare result) in task order, never more than `window` files ahead of the consumer, so a
-    slow model does not let decoded images pile up. Adds the time spent waiting to timing["wait"]."""
-    workers = max(1, (os.cpu_count() or 2) - 1) if workers is None else workers
-    if workers == 0 or not tasks:
-        for task in tasks:
-            clock = time.perf_counter()
-            result = _prepare(task[0], task[-1], preprocessing)
-            timing["wait"] += time.perf_counter() - clock
-            yield task, result
-        return
-    # forkserver: workers fork from a clean process that imported this module once, not from this one,
-    # whose torch and tokenizer threads fork does not copy safely, and without re-importing as spawn does.
-    # (Windows has only spawn.)
-    methods = multiprocessing.get_all_start_methods()
-    context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-    if context.get_start_method() == "forkserver":
-        context.set_forkserver_preload([__name__])
-    pool = ProcessPoolExecutor(workers, context, initializer=torch.set_num_threads, initargs=(1,))
-    pending: deque = deque()
-
-    def oldest() -> tuple:
-        task, future = pending.popleft()
-        clock = time.perf_counter()
-        result = future.result()
-        timing["wait"] += time.perf_counter() - clock
-        return task, result
-
-    try:
-        for task in tasks:
-            pending.append((task, pool.submit(_prepare, task[0], task[-1], preprocessing)))
-            if len(pending) >= max(window, 4 * workers):
-                yield oldest()
-        while pending:
-            yield oldest()
-    finally:
-        pool.shutdown(cancel_futures=True)
 
 
 @torch.no_grad()

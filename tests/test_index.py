@@ -27,16 +27,10 @@ import pytest
 import torch
 from PIL import Image
 
-import bridge.index as index_module
+import bridge.search as search_module
 from bridge.images import load_image
-from bridge.index import (
-    ImageIndex,
-    IndexMismatchError,
-    build_faiss_index,
-    exact_search,
-    run_index_command,
-    run_search_command,
-)
+from bridge.index import ImageIndex, IndexMismatchError, run_index_command, run_search_command
+from bridge.search import build_faiss_index, exact_search, faiss_search, rescore
 
 REPO = Path(__file__).resolve().parents[1]
 RED, BLUE = (255, 0, 0), (0, 0, 255)
@@ -364,16 +358,30 @@ def test_exact_and_faiss_back_ends_agree(photo_index: ImageIndex) -> None:
         approximate = photo_index.search(text=query, k=5, backend="faiss")
         assert [p for p, _ in approximate] == [p for p, _ in exact]
         np.testing.assert_allclose([s for _, s in approximate], [s for _, s in exact], atol=1e-5)
-    # Above the size rule's threshold FAISS builds HNSW; on small data it finds the exact top 10.
+
+
+def test_large_collections_use_fast_scan_codes_reranked_exactly() -> None:
+    # Above the size rule's threshold FAISS holds 4-bit product codes; the candidates they propose are
+    # re-scored against the stored vectors, so the scores are exact and the top 10 nearly always is.
     vectors = np.random.default_rng(0).standard_normal((3000, 64)).astype(np.float32)
     vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float16)
-    hnsw = build_faiss_index(vectors, flat_up_to=1000)
-    assert type(hnsw).__name__ == "IndexHNSWFlat"
-    queries = vectors[:50].astype(np.float32)
-    _, truth = exact_search(vectors, queries, 10)
-    _, found = hnsw.search(queries, 10)
+    index = build_faiss_index(vectors, flat_up_to=1000)
+    assert type(index).__name__ == "IndexPQFastScan" and index.pq.M == 32 and index.pq.nbits == 4
+    queries = np.random.default_rng(1).standard_normal((50, 64)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    truth_scores, truth = exact_search(vectors, queries, 10)
+    scores, found = faiss_search(index, vectors, queries, 10)
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(truth, found, strict=True)])
     assert recall >= 0.95
+    np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", queries, vectors[found].astype(np.float32)))
+    assert (np.diff(scores, axis=1) <= 0).all()
+
+
+def test_rescore_puts_missing_candidates_last() -> None:
+    vectors = np.eye(4, dtype=np.float16)
+    scores, rows = rescore(vectors, np.array([[0.0, 1.0, 0.0, 0.0]], np.float32), np.array([[-1, 0, 1]]), 3)
+    assert rows.tolist() == [[1, 0, -1]]
+    assert scores[0, :2].tolist() == [1.0, 0.0] and scores[0, 2] == -np.inf
 
 
 def test_without_faiss_search_falls_back_to_exact_and_says_so_once(
@@ -381,9 +389,9 @@ def test_without_faiss_search_falls_back_to_exact_and_says_so_once(
 ) -> None:
     exact = photo_index.search(text="a red square", k=4, backend="exact")
     monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss now raises ImportError
-    monkeypatch.setattr(index_module, "_faiss_missing_logged", False)
+    monkeypatch.setattr(search_module, "_faiss_missing_logged", False)
     monkeypatch.setattr(photo_index, "_faiss", {})
-    with caplog.at_level(logging.WARNING, logger="bridge.index"):
+    with caplog.at_level(logging.WARNING, logger="bridge.search"):
         assert photo_index.search(text="a red square", k=4, backend="faiss") == exact
         assert photo_index.search(text="a red square", k=4, backend="faiss") == exact
     assert [r.getMessage() for r in caplog.records].count(

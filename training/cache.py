@@ -14,12 +14,9 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing
 import os
 import uuid
-from collections import deque
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from bridge.decoding import ordered_map
 from bridge.fingerprint import fingerprint
 from bridge.images import ImageLoadError
 from bridge.text import TextTower
@@ -149,9 +147,9 @@ class FeatureCache:
                     chunks.clear()
 
         batches = [pairs[i : i + batch_size] for i in range(0, len(pairs), batch_size)]
-        for batch, decoded in zip(
-            batches, _decode_batches(batches, self.encoder.preprocessing, workers), strict=True
-        ):
+        # At most 4 batches in flight: decoding overlaps the encoder without holding the whole set.
+        jobs = [(batch, self.encoder.preprocessing) for batch in batches]
+        for (batch, _), decoded in ordered_map(_decode_batch, jobs, max(0, workers), window=4):
             good = [
                 (pair, pixels)
                 for pair, (pixels, reason) in zip(batch, decoded, strict=True)
@@ -196,26 +194,6 @@ class TextCache:
             return torch.empty(0, self.tower.embed_dim)
         rows = np.array([self.store.where[c] for c in captions], dtype=np.int64)
         return torch.from_numpy(self.store.gather("embeddings", rows))
-
-
-def _decode_batches(
-    batches: list[list[Pair]], preprocessing: Preprocessing, workers: int, depth: int = 4
-) -> Iterator[list[tuple[torch.Tensor | None, str | None]]]:
-    """Decode and preprocess each batch, in `workers` processes when asked (the encoder stays here)."""
-    if workers <= 0:
-        yield from (_decode_batch(batch, preprocessing) for batch in batches)
-        return
-    # At most `depth` batches in flight: decoding overlaps the encoder without holding the whole set.
-    # forkserver, as bridge/index.py: forking this process, whose torch threads are running, can hang.
-    context = multiprocessing.get_context("forkserver")
-    with ProcessPoolExecutor(workers, context, initializer=torch.set_num_threads, initargs=(1,)) as executor:
-        pending: deque = deque()
-        for batch in batches:
-            pending.append(executor.submit(_decode_batch, batch, preprocessing))
-            if len(pending) > depth:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
 
 
 def _decode_batch(
