@@ -15,6 +15,8 @@ from pathlib import Path
 
 from bridge.config import ConfigError, RunConfig, load_config
 
+GROUNDING_BRIDGE = "demo-out/grounding/bridge"  # where `dinobridge demo grounding` saves its bridge
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
@@ -64,6 +66,38 @@ def build_parser() -> argparse.ArgumentParser:
     zeroshot.add_argument("--json", action="store_true", help="print the metrics as JSON")
     zeroshot.set_defaults(handler=_eval_zeroshot)
 
+    segmentation = tasks.add_parser("segmentation", help="mIoU and pointing game on images with label masks")
+    segmentation.add_argument("--model", required=True, help="a saved bridge directory")
+    segmentation.add_argument(
+        "--data", required=True, help="root/images/, root/masks/*.png, root/classes.txt"
+    )
+    _add_grounding_options(segmentation)
+    segmentation.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    segmentation.set_defaults(handler=_eval_segmentation)
+
+    ground = commands.add_parser("ground", help="where in an image a text is: a heatmap per text")
+    ground.add_argument("image", help="an image file")
+    ground.add_argument("texts", nargs="+", help="one or more texts, each mapped on its own")
+    ground.add_argument(
+        "--model", default=GROUNDING_BRIDGE, help=f"a saved bridge (default: {GROUNDING_BRIDGE})"
+    )
+    ground.add_argument("--out", help="write the heatmaps over the image to this PNG, one panel per text")
+    ground.add_argument("--scale", type=int, help="short side in pixels to map at (default: one window)")
+    ground.add_argument(
+        "--shifts", type=int, default=2, help="sub-patch shifts per axis (default: 2; 1: off)"
+    )
+    ground.set_defaults(handler=_ground)
+
+    segment = commands.add_parser("segment", help="label every pixel with one of the named classes")
+    segment.add_argument("image", help="an image file")
+    segment.add_argument("--classes", required=True, help='comma-separated class names, e.g. "cat,dog,sofa"')
+    segment.add_argument("--out", required=True, help="the segmentation over the image, with a legend (PNG)")
+    segment.add_argument(
+        "--model", default=GROUNDING_BRIDGE, help=f"a saved bridge (default: {GROUNDING_BRIDGE})"
+    )
+    _add_grounding_options(segment)
+    segment.set_defaults(handler=_segment)
+
     index = commands.add_parser("index", help="index a folder of images (again: only new or changed files)")
     index.add_argument("folder", help="folder walked recursively for images")
     index.add_argument("--model", required=True, help="a saved bridge directory")
@@ -81,6 +115,90 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--json", action="store_true", help="print a JSON list of {path, score}")
     search.set_defaults(handler=_search)
     return parser
+
+
+def _add_grounding_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        help="cosine below which a pixel is background (default: bridge.grounding.DEFAULT_THRESHOLD)",
+    )
+    parser.add_argument(
+        "--shifts", type=int, default=2, help="sub-patch shifts per axis (default: 2; 1: off)"
+    )
+
+
+def _threshold(args) -> float:
+    from bridge.grounding import DEFAULT_THRESHOLD  # here, not at parse time: it imports torch
+
+    return DEFAULT_THRESHOLD if args.threshold is None else args.threshold
+
+
+def _grounding_bridge(directory: str):
+    from bridge.model import TextBridge
+
+    if not Path(directory).is_dir():
+        raise FileNotFoundError(
+            f"no bridge at '{directory}'; train one with `dinobridge demo grounding` or pass --model DIR"
+        )
+    return TextBridge.from_pretrained(directory)
+
+
+def _ground(args) -> int:
+    from PIL import Image
+
+    from bridge.grounding import heatmaps, overlay_heatmap
+    from bridge.images import load_image
+
+    image = load_image(args.image)
+    maps = heatmaps(_grounding_bridge(args.model), image, args.texts, scale=args.scale, shifts=args.shifts)
+    for text, heatmap in zip(args.texts, maps, strict=True):
+        row, column = divmod(int(heatmap.argmax()), heatmap.shape[1])
+        print(
+            f"{text!r}: peak cosine {heatmap.max():.3f} at x={column}, y={row} (image {image.width}x{image.height})"
+        )
+    if args.out:
+        panels = [overlay_heatmap(image, heatmap) for heatmap in maps]
+        canvas = Image.new("RGB", (image.width * len(panels), image.height))
+        for index, panel in enumerate(panels):
+            canvas.paste(panel, (index * image.width, 0))
+        canvas.save(args.out)
+        print(f"wrote {args.out}: the heatmaps of {len(panels)} text(s), left to right in the order given")
+    return 0
+
+
+def _segment(args) -> int:
+    from bridge.grounding import draw_segmentation, parse_class_list, segment
+    from bridge.images import load_image
+
+    class_names = parse_class_list(args.classes)  # before loading a model: a bad list fails at once
+    image = load_image(args.image)
+    result = segment(_grounding_bridge(args.model), image, class_names, _threshold(args), shifts=args.shifts)
+    draw_segmentation(image, result).save(args.out)
+    for label, name in enumerate(["background", *class_names]):
+        print(f"{name}: {(result.labels == label).mean():.1%} of the pixels")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _eval_segmentation(args) -> int:
+    from bridge.images import load_image
+    from bridge.model import TextBridge
+    from training.data import load_mask, load_segmentation_folder
+    from training.evaluate import evaluate_segmentation
+
+    samples, class_names = load_segmentation_folder(args.data)
+    bridge = TextBridge.from_pretrained(args.model)
+    loaded = ((load_image(image), load_mask(mask)) for image, mask in samples)
+    metrics = evaluate_segmentation(bridge, loaded, class_names, _threshold(args), shifts=args.shifts)
+    metrics["classes"] = len(class_names)
+    if args.json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        print(f"{metrics['images']} images, {len(class_names) - 1} classes and '{class_names[0]}'")
+        print(f"mIoU {metrics['mIoU']:.3f} with background, {metrics['mIoU_no_background']:.3f} without")
+        print(f"pointing game {metrics['pointing']:.3f} over {metrics['objects']} objects")
+    return 0
 
 
 def _index(args) -> int:
@@ -157,8 +275,7 @@ def _eval_retrieval(args) -> int:
 
 
 def _eval_zeroshot(args) -> int:
-    import torch.nn.functional as F
-
+    from bridge.grounding import encode_class_names
     from bridge.model import TextBridge
     from training.cache import FeatureCache
     from training.data import Pair, load_image_folder
@@ -173,10 +290,9 @@ def _eval_zeroshot(args) -> int:
         raise ValueError(f"no image under '{args.data}' could be read; see the warnings above")
     label_of = dict(zip(paths, labels, strict=True))
     kept = [label_of[pair.image] for pair in features.pairs]
-    prompts = [template.format(name) for name in class_names for template in PROMPT_TEMPLATES]
-    classes = bridge.encode_text(prompts).view(len(class_names), len(PROMPT_TEMPLATES), -1).mean(1)
+    classes = encode_class_names(bridge, class_names, PROMPT_TEMPLATES)
     images = bridge.encode_image(features[list(range(len(features)))]).detach()
-    metrics = zeroshot_accuracy(images, F.normalize(classes, dim=-1), kept)
+    metrics = zeroshot_accuracy(images, classes, kept)
     metrics = {"images": len(kept), "classes": len(class_names), "skipped": len(features.failures), **metrics}
     if args.json:
         print(json.dumps(metrics, indent=2))

@@ -25,6 +25,7 @@ from torch import nn
 
 from bridge.config import BridgeConfig, ConfigError, from_dict, to_dict
 from bridge.fingerprint import fingerprint
+from bridge.grounding import check_image_size
 from bridge.projectors import build_projector
 from bridge.text import TextTower, build_text_tower
 from bridge.vision import FrozenEncoder, VisionFeatures
@@ -101,6 +102,19 @@ class TextBridge(nn.Module):
     def similarity(self, images: ImageInput, texts: Sequence[str] | str) -> torch.Tensor:
         """(B images, T texts) cosine similarities."""
         return self.encode_image(images) @ self.encode_text(texts).T
+
+    @torch.no_grad()
+    def patch_similarity(self, image: Image.Image, texts: Sequence[str] | str) -> torch.Tensor:
+        """(T texts, h, w) cosine of each text with each patch of one image, on the encoder's patch grid.
+
+        The grid covers what the encoder sees (the checkpoint's resize and centre crop); for a map at the
+        image's own resolution, with sliding windows, use `bridge.grounding.heatmaps`.
+        """
+        check_image_size(image, self.encoder.patch_size)
+        features = self.features([image])
+        _, patches = self.projector(features.to(dtype=_param_dtype(self.projector)))
+        cosines = F.normalize(patches[0], dim=-1) @ self.encode_text(texts).T  # (h*w, T)
+        return cosines.T.unflatten(1, features.grid_hw)
 
     def fingerprint(self) -> str:
         """A hash of what decides the embeddings: encoder, tower and projector weights.

@@ -1,16 +1,30 @@
-"""Evaluation of a text bridge: retrieval recall@K and zero-shot classification accuracy.
+"""Evaluation of a text bridge: retrieval recall@K, zero-shot accuracy, segmentation mIoU, pointing game.
 
 Retrieval counts as COCO and Flickr30k evaluations do: text->image is right when the caption's own
 image ranks in the top K of the whole gallery; image->text when any of the image's captions does.
+Segmentation counts as the VOC and ADE benchmarks do: one confusion matrix over the whole data set
+(not a mean of per-image scores), IoU per class, the mean over the classes that occur; label 255 is
+ignored.
 
-Not here: segmentation or LLM metrics (their own issues add them).
+Not here: LLM metrics (their own issue adds them).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
+import numpy as np
 import torch
+from PIL import Image
+
+from bridge.grounding import (
+    DEFAULT_THRESHOLD,
+    SEGMENTATION_TEMPLATES,
+    encode_class_names,
+    heatmaps,
+    label_pixels,
+)
+from bridge.model import TextBridge
 
 RECALL_AT = (1, 5, 10)
 # CLIP's short prompt ensemble: averaging a class name over a few phrasings steadies zero-shot results.
@@ -50,4 +64,104 @@ def zeroshot_accuracy(
     return {
         "top1": (top[:, 0] == labels).float().mean().item(),
         "top5": (top == labels[:, None]).any(1).float().mean().item(),
+    }
+
+
+IGNORE_LABEL = 255  # VOC's "void" pixels (object borders, difficult regions): counted nowhere
+
+
+def confusion_matrix(predicted: np.ndarray, target: np.ndarray, num_classes: int) -> np.ndarray:
+    """(num_classes, num_classes) int64 pixel counts, rows the true label, columns the predicted one.
+
+    Both maps are (H, W) integer labels (0 = background); target pixels labelled IGNORE_LABEL are left out.
+    """
+    if predicted.shape != target.shape:
+        raise ValueError(f"predicted labels are {predicted.shape} but the mask is {target.shape}")
+    kept = target != IGNORE_LABEL
+    target, predicted = target[kept].astype(np.int64), predicted[kept].astype(np.int64)
+    if target.size and target.max() >= num_classes:
+        raise ValueError(
+            f"the mask holds label {target.max()} but there are {num_classes} classes (0..{num_classes - 1});"
+            f" add the missing class names or mark those pixels {IGNORE_LABEL} (ignored)"
+        )
+    counts = np.bincount(target * num_classes + predicted, minlength=num_classes * num_classes)
+    return counts.reshape(num_classes, num_classes)
+
+
+def segmentation_metrics(confusion: np.ndarray) -> dict[str, float]:
+    """mIoU with background (class 0) and without it, and pixel accuracy, from a summed confusion matrix.
+
+    A class counts in a mean only where it occurs in the masks or the predictions (its union is not 0).
+    """
+    intersection = np.diag(confusion).astype(np.float64)
+    union = confusion.sum(0) + confusion.sum(1) - intersection
+    occurs = union > 0
+    iou = np.divide(intersection, union, out=np.zeros_like(intersection), where=occurs)
+    return {
+        "mIoU": float(iou[occurs].mean()) if occurs.any() else 0.0,
+        "mIoU_no_background": float(iou[1:][occurs[1:]].mean()) if occurs[1:].any() else 0.0,
+        "pixel_accuracy": float(intersection.sum() / max(1, confusion.sum())),
+    }
+
+
+def pointing_hit(heatmap: torch.Tensor | np.ndarray, mask: np.ndarray) -> bool:
+    """The pointing game: whether the heatmap's maximum (H, W) falls inside the object's mask (H, W)."""
+    heatmap = torch.as_tensor(heatmap)
+    if heatmap.shape != mask.shape:
+        raise ValueError(f"heatmap is {tuple(heatmap.shape)} but the mask is {mask.shape}")
+    row, column = divmod(int(heatmap.argmax()), heatmap.shape[1])
+    return bool(mask[row, column])
+
+
+def answer_accuracy(replies: Sequence[str], answers: Sequence[str], kinds: Sequence[str]) -> dict[str, float]:
+    """Exact-match accuracy per kind (and "all"), after lower-casing and trimming spaces and end
+    punctuation: short answers ("blue", "top left") have one right wording."""
+
+    def normal(text: str) -> str:
+        return " ".join(text.lower().replace(" .", ".").strip(" .!?").split())
+
+    right: dict[str, list[bool]] = {}
+    for reply, answer, kind in zip(replies, answers, kinds, strict=True):
+        right.setdefault(kind, []).append(normal(reply) == normal(answer))
+    right["all"] = [r for values in right.values() for r in values]
+    return {kind: sum(values) / len(values) for kind, values in right.items() if values}
+
+
+@torch.no_grad()
+def evaluate_segmentation(
+    bridge: TextBridge,
+    samples: Iterable[tuple[Image.Image, np.ndarray]],
+    class_names: Sequence[str],
+    threshold: float | Sequence[float] = DEFAULT_THRESHOLD,
+    templates: Sequence[str] = SEGMENTATION_TEMPLATES,
+    shifts: int = 2,
+) -> dict[str, float]:
+    """Open-vocabulary segmentation of (image, (H, W) label mask) samples, and the pointing game.
+
+    class_names[0] names the background, which is never prompted: a pixel is background where no other
+    class reaches `threshold`. Several thresholds may be given: the metrics are then those of the one
+    with the best mIoU, an upper bound chosen on the very data (fair only for a baseline). The pointing
+    game asks, for every class present in a mask, whether its heatmap peaks inside that class's pixels.
+    """
+    thresholds = [threshold] if isinstance(threshold, float | int) else list(threshold)
+    prompts = encode_class_names(bridge, class_names[1:], templates)
+    confusions = np.zeros((len(thresholds), len(class_names), len(class_names)), dtype=np.int64)
+    images = hits = objects = 0
+    for image, mask in samples:
+        scores = heatmaps(bridge, image, prompts, shifts=shifts)
+        for confusion, value in zip(confusions, thresholds, strict=True):
+            confusion += confusion_matrix(label_pixels(scores, value), mask, len(class_names))
+        for label in np.unique(mask):
+            if label not in (0, IGNORE_LABEL):
+                hits += pointing_hit(scores[label - 1], mask == label)
+                objects += 1
+        images += 1
+    results = [segmentation_metrics(confusion) for confusion in confusions]
+    best = max(range(len(thresholds)), key=lambda i: results[i]["mIoU"])
+    return {
+        **results[best],
+        "pointing": hits / max(1, objects),
+        "images": images,
+        "objects": objects,
+        "threshold": thresholds[best],
     }

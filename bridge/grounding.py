@@ -1,0 +1,217 @@
+"""Dense grounding: where in an image a text is, as a heatmap, and open-vocabulary segmentation.
+
+A text bridge's projector gives every patch an embedding in the text tower's space; the cosine of a
+text with each patch is a (h, w) heatmap (`TextBridge.patch_similarity`). This file turns those patch
+maps into maps at the image's own resolution: the image is resized so its short side is `scale`
+pixels, covered by encoder-sized windows (sliding windows for images longer than one window), and each
+window is also encoded shifted by fractions of a patch, so a pixel's score mixes several patch grids
+and the map resolves finer than one patch (measured in the README). Segmentation scores every class
+name, averaged over prompt templates, and labels a pixel with the best class, or background where no
+class reaches the threshold.
+
+Not here: training the per-patch embeddings (training/losses.py has the dense objective) and the
+segmentation metrics (training/evaluate.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib import colormaps
+from PIL import Image, ImageDraw
+
+from bridge.vision import Preprocessing
+
+if TYPE_CHECKING:
+    from bridge.model import TextBridge
+
+# Each class name is scored as the mean embedding of these phrasings (CLIP's prompt ensembling); the
+# bare name comes first so a single template still means something.
+SEGMENTATION_TEMPLATES = ("{}", "a {}", "a photo of a {}.", "a picture of a {}.")
+# Cosine below which a pixel is background: what the offline default's dense bridge separates objects
+# from background at on held-out synthetic scenes. Other towers have other cosine ranges: tune it
+# with `dinobridge eval segmentation --threshold`.
+DEFAULT_THRESHOLD = 0.5
+WINDOW_BATCH = 32  # windows encoded at once
+
+
+@dataclass
+class Segmentation:
+    """An open-vocabulary segmentation of one image."""
+
+    labels: np.ndarray  # (H, W) int64: 0 background, 1 + i for class_names[i]
+    scores: torch.Tensor  # (classes, H, W) cosine of each class with each pixel
+    class_names: list[str]
+    threshold: float
+
+
+def check_class_names(class_names: Sequence[str]) -> list[str]:
+    """The class names, stripped; an empty list or a blank name is an error that says which one."""
+    if isinstance(class_names, str):
+        raise ValueError(f"class names must be a list, not the string {class_names!r}; split it first")
+    if not class_names:
+        raise ValueError('no class names given; pass at least one, e.g. --classes "cat,dog"')
+    names = [name.strip() for name in class_names]
+    for number, name in enumerate(names, start=1):
+        if not name:
+            raise ValueError(
+                f"class name {number} of {len(names)} is empty or only whitespace "
+                f"({class_names[number - 1]!r}); remove it or name the class"
+            )
+    return names
+
+
+def parse_class_list(text: str) -> list[str]:
+    """'cat, dog,sofa' -> ['cat', 'dog', 'sofa'], with `check_class_names`'s errors."""
+    return check_class_names(text.split(",") if text.strip() else [])
+
+
+def check_image_size(image: Image.Image, patch_size: int) -> None:
+    width, height = image.size
+    if min(width, height) < patch_size:
+        raise ValueError(
+            f"image is {width}x{height} pixels, smaller than one {patch_size}-pixel patch of the encoder: "
+            f"it holds no patch to ground a text in; use an image at least {patch_size}x{patch_size}"
+        )
+
+
+def encode_class_names(
+    bridge: TextBridge, class_names: Sequence[str], templates: Sequence[str] = SEGMENTATION_TEMPLATES
+) -> torch.Tensor:
+    """(classes, E) normalised class embeddings: each the mean of its templated prompts."""
+    names = check_class_names(class_names)
+    if not templates:
+        raise ValueError("no prompt templates given; pass at least one, e.g. ('{}',)")
+    prompts = [template.format(name) for name in names for template in templates]
+    embeddings = bridge.encode_text(prompts).view(len(names), len(templates), -1).mean(1)
+    return F.normalize(embeddings, dim=-1)
+
+
+@torch.no_grad()
+def heatmaps(
+    bridge: TextBridge,
+    image: Image.Image,
+    texts: Sequence[str] | str | torch.Tensor,
+    scale: int | None = None,
+    shifts: int = 2,
+) -> torch.Tensor:
+    """(texts, H, W) cosine of each text with every pixel of `image` (H, W: the image's own size).
+
+    texts: strings, or already encoded normalised text embeddings (T, E). scale: the short side, in
+    pixels, the image is resized to before windowing (default: one encoder window; larger zooms in,
+    costing more windows). shifts: each window is also encoded shifted by 1/shifts of a patch in each
+    direction (shifts**2 passes); 1 turns it off.
+    """
+    encoder = bridge.encoder
+    patch, window = encoder.patch_size, encoder.preprocessing.image_size
+    check_image_size(image, patch)
+    if shifts < 1 or shifts > patch:
+        raise ValueError(f"shifts={shifts} is out of range; use 1 (off) to {patch} (one pixel)")
+    text = texts if isinstance(texts, torch.Tensor) else bridge.encode_text(texts)
+    text = text.to(bridge.device)
+    scale = scale or window
+    if scale < window:
+        raise ValueError(
+            f"scale {scale} is below the encoder's window of {window} pixels; use {window} or more"
+        )
+    factor = scale / min(image.size)
+    width, height = (max(window, round(side * factor)) for side in image.size)
+    # Edge padding of one patch on every side: a shifted window may reach past the image by < 1 patch.
+    pixels = np.pad(
+        np.asarray(image.convert("RGB").resize((width, height), Image.BICUBIC)),
+        ((patch, patch), (patch, patch), (0, 0)),
+        mode="edge",
+    )
+    offsets = [round(i * patch / shifts) for i in range(shifts)]
+    corners = [
+        (patch + top - dy, patch + left - dx)
+        for top in _window_starts(height, window)
+        for left in _window_starts(width, window)
+        for dy in offsets
+        for dx in offsets
+    ]
+    # The windows are already window-sized: only the checkpoint's normalisation applies.
+    normalise = Preprocessing(window, None, encoder.preprocessing.mean, encoder.preprocessing.std)
+    total = torch.zeros(len(text), *pixels.shape[:2])
+    count = torch.zeros(pixels.shape[:2])
+    for start in range(0, len(corners), WINDOW_BATCH):
+        batch = corners[start : start + WINDOW_BATCH]
+        crops = [Image.fromarray(pixels[y : y + window, x : x + window]) for y, x in batch]
+        patches = bridge.encode_image_patches(normalise(crops))  # (windows, h*w, E)
+        grid = encoder.grid_hw
+        maps = (patches @ text.T).transpose(1, 2).unflatten(2, grid)  # (windows, T, h, w)
+        maps = F.interpolate(maps, size=(window, window), mode="bilinear", align_corners=False).cpu()
+        for (y, x), window_map in zip(batch, maps, strict=True):
+            total[:, y : y + window, x : x + window] += window_map
+            count[y : y + window, x : x + window] += 1
+    inside = (slice(None), slice(patch, patch + height), slice(patch, patch + width))
+    resized = (total[inside] / count[inside[1:]])[None]
+    return F.interpolate(resized, size=image.size[::-1], mode="bilinear", align_corners=False)[0]
+
+
+def segment(
+    bridge: TextBridge,
+    image: Image.Image,
+    class_names: Sequence[str],
+    threshold: float = DEFAULT_THRESHOLD,
+    templates: Sequence[str] = SEGMENTATION_TEMPLATES,
+    scale: int | None = None,
+    shifts: int = 2,
+) -> Segmentation:
+    """Label every pixel with its best class, or 0 (background) where no class's cosine reaches threshold."""
+    names = check_class_names(class_names)
+    scores = heatmaps(bridge, image, encode_class_names(bridge, names, templates), scale, shifts)
+    return Segmentation(label_pixels(scores, threshold), scores, names, threshold)
+
+
+def label_pixels(scores: torch.Tensor, threshold: float) -> np.ndarray:
+    """(classes, H, W) scores -> (H, W) labels: 1 + the best class, 0 where its score is below threshold."""
+    best, index = scores.max(0)
+    return torch.where(best >= threshold, index + 1, 0).numpy().astype(np.int64)
+
+
+def overlay_heatmap(image: Image.Image, heatmap: torch.Tensor, alpha: float = 0.55) -> Image.Image:
+    """The image with one (H, W) heatmap laid over it in the inferno colours (bright: the text is here).
+
+    The map is stretched from its own minimum to its maximum: it shows where, not how sure.
+    """
+    values = heatmap.float().numpy()
+    low, high = values.min(), values.max()
+    colours = colormaps["inferno"]((values - low) / max(high - low, 1e-8))[..., :3]
+    base = np.asarray(image.convert("RGB").resize(values.shape[::-1]), dtype=np.float32) / 255
+    return Image.fromarray(np.uint8(255 * ((1 - alpha) * base + alpha * colours)))
+
+
+def draw_segmentation(image: Image.Image, segmentation: Segmentation, alpha: float = 0.6) -> Image.Image:
+    """The image with each class's pixels tinted in its own colour and a legend underneath."""
+    palette = np.uint8(255 * np.asarray(colormaps["tab20"].colors)[:, :3])
+    labels = segmentation.labels
+    base = np.asarray(image.convert("RGB").resize(labels.shape[::-1]), dtype=np.float32)
+    tinted = base.copy()
+    for label in range(1, len(segmentation.class_names) + 1):
+        tinted[labels == label] = (1 - alpha) * base[labels == label] + alpha * palette[(label - 1) % 20]
+    width, height = labels.shape[::-1]
+    row = 16
+    canvas = Image.new("RGB", (max(width, 200), height + row * len(segmentation.class_names) + 4), "white")
+    canvas.paste(Image.fromarray(np.uint8(tinted)), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for index, name in enumerate(segmentation.class_names):
+        share = float((labels == index + 1).mean())
+        y = height + 2 + index * row
+        draw.rectangle((2, y + 2, 14, y + 13), fill=tuple(int(c) for c in palette[index % 20]))
+        draw.text((20, y + 2), f"{name} ({share:.0%} of the image)", fill="black")
+    return canvas
+
+
+def _window_starts(length: int, window: int) -> list[int]:
+    """Starts of windows covering [0, length): half-window stride, the last flush with the end."""
+    if length <= window:
+        return [0]
+    stride = window // 2
+    starts = list(range(0, length - window, stride))
+    return [*starts, length - window]

@@ -1,0 +1,221 @@
+"""Dense grounding: patch maps, heatmaps at image size, segmentation, its metrics, data layout and commands."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from bridge.cli import main
+from bridge.grounding import (
+    check_class_names,
+    encode_class_names,
+    heatmaps,
+    label_pixels,
+    parse_class_list,
+    segment,
+)
+from bridge.synthetic import CLASS_NAMES, SyntheticWorld
+from training.data import DataError, load_mask, load_segmentation_folder
+from training.evaluate import confusion_matrix, evaluate_segmentation, pointing_hit, segmentation_metrics
+
+TEXTS = ["a red circle", "a blue square", "a green star"]
+
+
+@pytest.fixture(scope="module")
+def scene_image():
+    return SyntheticWorld(seed=1, image_size=56).scene(0).render()
+
+
+def test_patch_similarity_is_the_cosine_of_each_text_with_each_patch(tiny_bridge, scene_image):
+    maps = tiny_bridge.patch_similarity(scene_image, TEXTS)
+    assert maps.shape == (3, 4, 4)  # 56 px at patch 14
+    patches = tiny_bridge.encode_image_patches([scene_image])[0]  # (16, E), normalised
+    expected = patches @ tiny_bridge.encode_text(TEXTS).T
+    torch.testing.assert_close(maps, expected.T.reshape(3, 4, 4))
+    assert maps.abs().max() <= 1 + 1e-5
+
+
+def test_a_window_sized_heatmap_without_shifts_is_the_upsampled_patch_map(tiny_bridge, scene_image):
+    maps = heatmaps(tiny_bridge, scene_image, TEXTS, shifts=1)
+    expected = F.interpolate(
+        tiny_bridge.patch_similarity(scene_image, TEXTS)[None], size=(56, 56), mode="bilinear"
+    )[0]
+    torch.testing.assert_close(maps, expected, atol=1e-4, rtol=0)
+
+
+def test_heatmaps_of_a_wide_image_cover_it_at_its_own_size(tiny_bridge):
+    wide = Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 200, 3), dtype=np.uint8))
+    maps = heatmaps(tiny_bridge, wide, TEXTS)  # sliding windows along the width, 2x2 shifts
+    assert maps.shape == (3, 60, 200)
+    assert torch.isfinite(maps).all()
+    # Shifted grids mix several patch grids: the map is not constant over any one patch's pixels.
+    assert (maps[0, :14, :14].std() > 0).item()
+    zoomed = heatmaps(tiny_bridge, wide, TEXTS, scale=112, shifts=1)
+    assert zoomed.shape == (3, 60, 200)
+
+
+def test_segment_labels_background_below_the_threshold_and_best_class_above(tiny_bridge, scene_image):
+    everything = segment(tiny_bridge, scene_image, TEXTS, threshold=-2.0)
+    nothing = segment(tiny_bridge, scene_image, TEXTS, threshold=2.0)
+    assert everything.labels.shape == (56, 56) and everything.scores.shape == (3, 56, 56)
+    assert (nothing.labels == 0).all()
+    assert (everything.labels == 1 + everything.scores.argmax(0).numpy()).all()
+    scores = torch.tensor([[[0.1, 0.6]], [[0.4, 0.2]]])  # 2 classes, a 1x2 image
+    assert label_pixels(scores, 0.3).tolist() == [[2, 1]]
+    assert label_pixels(scores, 0.5).tolist() == [[0, 1]]
+
+
+def test_class_names_are_averaged_over_prompt_templates(tiny_bridge):
+    one = encode_class_names(tiny_bridge, ["red circle"], templates=("a {}",))
+    torch.testing.assert_close(one, tiny_bridge.encode_text(["a red circle"]))
+    two = encode_class_names(tiny_bridge, ["red circle"], templates=("a {}", "{}"))
+    mean = tiny_bridge.encode_text(["a red circle", "red circle"]).mean(0, keepdim=True)
+    torch.testing.assert_close(two, F.normalize(mean, dim=-1))
+
+
+def test_bad_class_lists_and_tiny_images_fail_with_clear_errors(tiny_bridge):
+    with pytest.raises(ValueError, match="no class names given"):
+        check_class_names([])
+    with pytest.raises(ValueError, match=r"class name 2 of 3 is empty or only whitespace \('   '\)"):
+        check_class_names(["cat", "   ", "dog"])
+    with pytest.raises(ValueError, match="no class names given"):
+        parse_class_list("  ")
+    assert parse_class_list(" cat, dog ,sofa") == ["cat", "dog", "sofa"]
+    small = Image.new("RGB", (13, 40))
+    message = "image is 13x40 pixels, smaller than one 14-pixel patch"
+    with pytest.raises(ValueError, match=message):
+        tiny_bridge.patch_similarity(small, "a cat")
+    with pytest.raises(ValueError, match=message):
+        segment(tiny_bridge, small, ["cat"])
+
+
+def test_confusion_matrix_and_miou_with_and_without_background():
+    target = np.array([[0, 0, 1, 1], [0, 2, 2, 255]])
+    predicted = np.array([[0, 1, 1, 1], [0, 2, 0, 0]])
+    confusion = confusion_matrix(predicted, target, num_classes=3)
+    assert confusion.tolist() == [[2, 1, 0], [0, 2, 0], [1, 0, 1]]  # the 255 pixel counts nowhere
+    metrics = segmentation_metrics(confusion)
+    iou = [2 / 4, 2 / 3, 1 / 2]  # background, class 1, class 2
+    assert metrics["mIoU"] == pytest.approx(np.mean(iou))
+    assert metrics["mIoU_no_background"] == pytest.approx(np.mean(iou[1:]))
+    assert metrics["pixel_accuracy"] == pytest.approx(5 / 7)
+    with pytest.raises(ValueError, match="the mask holds label 7 but there are 3 classes"):
+        confusion_matrix(predicted, np.full((2, 4), 7), num_classes=3)
+
+
+def test_pointing_game_asks_whether_the_peak_is_inside_the_mask():
+    mask = np.zeros((4, 4), dtype=bool)
+    mask[1:3, 1:3] = True
+    heatmap = torch.zeros(4, 4)
+    heatmap[2, 1] = 1.0
+    assert pointing_hit(heatmap, mask)
+    heatmap[0, 3] = 2.0
+    assert not pointing_hit(heatmap, mask)
+
+
+def write_segmentation_folder(root, scenes, palette: bool = True) -> None:
+    """The VOC/ADE layout: images/*.png, masks/*.png (label per pixel), classes.txt (background first)."""
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "classes.txt").write_text("\n".join(["background", *CLASS_NAMES]) + "\n")
+    for index, scene in enumerate(scenes):
+        scene.render().save(root / "images" / f"scene{index}.png")
+        labels = Image.fromarray(scene.label_map().astype(np.uint8), mode="L")
+        if palette:  # VOC stores its masks as palette images
+            labels = labels.convert("P")
+            labels.putpalette([value for i in range(256) for value in (i, 255 - i, i // 2)])
+        labels.save(root / "masks" / f"scene{index}.png")
+
+
+def test_a_voc_palette_and_an_ade_greyscale_folder_read_the_same_labels(tmp_path):
+    scenes = SyntheticWorld(seed=2, image_size=56).scenes(0, 3)
+    for palette in (True, False):
+        root = tmp_path / f"palette-{palette}"
+        write_segmentation_folder(root, scenes, palette)
+        samples, class_names = load_segmentation_folder(root)
+        assert class_names == ["background", *CLASS_NAMES]
+        assert [s[0].rsplit("/", 1)[1] for s in samples] == ["scene0.png", "scene1.png", "scene2.png"]
+        assert (load_mask(samples[1][1]) == scenes[1].label_map()).all()
+
+
+def test_a_bad_segmentation_folder_fails_naming_what_is_wrong(tmp_path):
+    with pytest.raises(DataError, match="'classes.txt' is missing"):
+        load_segmentation_folder(tmp_path)
+    write_segmentation_folder(tmp_path, SyntheticWorld(seed=2, image_size=56).scenes(0, 2))
+    (tmp_path / "masks" / "scene1.png").unlink()
+    with pytest.raises(DataError, match=r"scene1.png' has no label mask \(looked for"):
+        load_segmentation_folder(tmp_path)
+    Image.new("RGB", (8, 8)).save(tmp_path / "masks" / "scene1.png")
+    with pytest.raises(DataError, match="is a RGB image; label masks are palette or greyscale"):
+        load_mask(tmp_path / "masks" / "scene1.png")
+
+
+def test_evaluate_segmentation_at_the_extreme_thresholds(tiny_bridge):
+    scenes = SyntheticWorld(seed=2, image_size=56).scenes(0, 4)
+    samples = [(scene.render(), scene.label_map()) for scene in scenes]
+    names = ["background", *CLASS_NAMES]
+    # All background: only the background class scores, with IoU = background pixels / all pixels.
+    empty = evaluate_segmentation(tiny_bridge, samples, names, threshold=2.0)
+    background = sum((s.label_map() == 0).sum() for s in scenes) / (4 * 56 * 56)
+    assert empty["mIoU_no_background"] == 0.0
+    assert empty["pixel_accuracy"] == pytest.approx(background)
+    assert empty["objects"] == sum(len({o.class_name for o in s.objects}) for s in scenes)
+    assert 0.0 <= empty["pointing"] <= 1.0
+    # Several thresholds: the best one's metrics, and the same pointing game (it needs no threshold).
+    best = evaluate_segmentation(tiny_bridge, samples, names, threshold=(2.0, -2.0))
+    assert best["threshold"] in (2.0, -2.0) and best["pointing"] == empty["pointing"]
+    assert best["mIoU"] >= empty["mIoU"]
+
+
+@pytest.fixture(scope="module")
+def saved_tiny_bridge(tmp_path_factory, tiny_bridge):
+    directory = tmp_path_factory.mktemp("bridge")
+    tiny_bridge.save_pretrained(directory)
+    return directory
+
+
+def test_eval_segmentation_command_on_a_voc_layout_folder(tmp_path, saved_tiny_bridge, capsys):
+    write_segmentation_folder(tmp_path / "voc", SyntheticWorld(seed=2, image_size=56).scenes(0, 3))
+    args = ["eval", "segmentation", "--model", str(saved_tiny_bridge), "--data", str(tmp_path / "voc")]
+    assert main([*args, "--json", "--threshold", "2"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["images"] == 3 and metrics["classes"] == 25 and metrics["threshold"] == 2.0
+    assert metrics["mIoU_no_background"] == 0.0 and 0 < metrics["mIoU"] <= 1
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "with background" in out and "pointing game" in out
+
+
+def test_ground_and_segment_commands_write_their_pictures(tmp_path, saved_tiny_bridge, scene_image, capsys):
+    image = tmp_path / "scene.png"
+    scene_image.resize((84, 70)).save(image)
+    model = ["--model", str(saved_tiny_bridge)]
+    assert main(["ground", str(image), *TEXTS, *model, "--out", str(tmp_path / "heat.png")]) == 0
+    assert Image.open(tmp_path / "heat.png").size == (3 * 84, 70)
+    assert capsys.readouterr().out.count("peak cosine") == 3
+    seg = tmp_path / "seg.png"
+    assert (
+        main(["segment", str(image), "--classes", "red circle, blue square", *model, "--out", str(seg)]) == 0
+    )
+    assert Image.open(seg).size[1] > 70  # the picture, then a legend underneath
+    assert "background:" in capsys.readouterr().out
+
+
+def test_segment_command_errors_name_the_problem(tmp_path, saved_tiny_bridge, capsys):
+    image = tmp_path / "scene.png"
+    Image.new("RGB", (56, 56)).save(image)
+    args = ["segment", str(image), "--model", str(saved_tiny_bridge), "--out", str(tmp_path / "s.png")]
+    assert main([*args, "--classes", "cat, ,dog"]) == 2
+    assert "class name 2 of 3 is empty or only whitespace" in capsys.readouterr().err
+    assert main([*args, "--classes", ""]) == 2
+    assert "no class names given" in capsys.readouterr().err
+    Image.new("RGB", (10, 10)).save(image)
+    assert main([*args, "--classes", "cat"]) == 2
+    assert "smaller than one 14-pixel patch" in capsys.readouterr().err
+    assert main(["ground", str(image), "cat", "--model", str(tmp_path / "nowhere")]) == 2
+    assert "no bridge at" in capsys.readouterr().err
