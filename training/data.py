@@ -16,6 +16,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from bridge.images import is_supported_image, load_image
@@ -102,6 +103,58 @@ def load_image_folder(root: str | Path) -> tuple[list[str], list[int], list[str]
     if not paths:
         raise DataError(f"'{root}' holds no supported images under its class folders")
     return paths, labels, [name.replace("_", " ") for name in classes]
+
+
+# The segmentation layout (VOC / ADE20K-like): images and same-named PNG label masks side by side.
+SEGMENTATION_IMAGES, SEGMENTATION_MASKS, SEGMENTATION_CLASSES = "images", "masks", "classes.txt"
+
+
+def load_segmentation_folder(root: str | Path) -> tuple[list[tuple[str, str]], list[str]]:
+    """root/images/<name>.<ext>, root/masks/<name>.png, root/classes.txt -> ([(image, mask)], class names).
+
+    classes.txt holds one name a line; a mask pixel's value is its class's line number counted from 0,
+    and line 0 names the background (VOC's "background", ADE's "other"). An image without a mask fails
+    here, before any work, with both paths named.
+    """
+    root = Path(root)
+    names_file, image_dir, mask_dir = (
+        root / n for n in (SEGMENTATION_CLASSES, SEGMENTATION_IMAGES, SEGMENTATION_MASKS)
+    )
+    for path in (names_file, image_dir, mask_dir):
+        if not path.exists():
+            raise DataError(
+                f"'{root}' is not a segmentation folder: '{path.name}' is missing "
+                f"(expected {SEGMENTATION_IMAGES}/, {SEGMENTATION_MASKS}/ and {SEGMENTATION_CLASSES})"
+            )
+    class_names = [
+        line.strip() for line in names_file.read_text(encoding="utf-8").splitlines() if line.strip()
+    ]
+    if len(class_names) < 2:
+        raise DataError(
+            f"'{names_file}' names {len(class_names)} class(es); it needs the background on line 1 "
+            "and at least one object class after it"
+        )
+    samples = []
+    for image in sorted(p for p in image_dir.iterdir() if p.is_file() and is_supported_image(p)):
+        mask = mask_dir / f"{image.stem}.png"
+        if not mask.is_file():
+            raise DataError(f"image '{image}' has no label mask (looked for '{mask}')")
+        samples.append((str(image), str(mask)))
+    if not samples:
+        raise DataError(f"'{image_dir}' holds no supported images")
+    return samples, class_names
+
+
+def load_mask(path: str | Path) -> np.ndarray:
+    """A PNG label mask -> (H, W) int64 labels. Palette (VOC) and greyscale (ADE) PNGs hold the labels
+    as pixel values; an RGB mask holds colours, not labels, and is refused."""
+    with Image.open(path) as mask:
+        if mask.mode not in ("P", "L", "I", "I;16"):
+            raise DataError(
+                f"mask '{path}' is a {mask.mode} image; label masks are palette or greyscale PNGs whose pixel "
+                "values are class indices"
+            )
+        return np.asarray(mask).astype(np.int64)
 
 
 def parse_synthetic_spec(spec: str) -> tuple[int, int]:
