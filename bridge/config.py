@@ -118,6 +118,10 @@ class TrainConfig:
     # Frozen-feature cache directory; None puts it under the run's output directory.
     cache_dir: str | None = None
     num_workers: int = 0  # image decoding workers while filling the cache
+    # Weight of the dense grounding loss (training/losses.py: dense_loss) added to the retrieval loss.
+    # 0 trains for retrieval only; 1.0 also makes each patch's embedding say what is there (heatmaps,
+    # segmentation), as `dinobridge demo grounding` does.
+    dense_weight: float = 0.0
 
 
 @dataclass

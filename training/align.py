@@ -29,7 +29,7 @@ from bridge.model import TextBridge, read_safetensors
 from training.cache import CachedFeatures, FeatureCache, TextCache
 from training.data import held_out_split, load_pairs, parse_synthetic_spec, synthetic_pairs
 from training.evaluate import retrieval_recall
-from training.losses import LOSSES
+from training.losses import LOSSES, dense_loss
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +123,12 @@ class TrainableHead(nn.Module):
         self.logit_scale = bridge.logit_scale
         self.logit_bias = bridge.logit_bias
 
-    def forward(self, features) -> torch.Tensor:
-        embedding, _ = self.projector(features, with_patches=False)
-        return F.normalize(embedding, dim=-1)
+    def forward(self, features, with_patches: bool = False):
+        """Normalised global embeddings (B, E); with_patches: and per-patch ones (B, N, E) for the dense loss."""
+        embedding, patches = self.projector(features, with_patches=with_patches)
+        if not with_patches:
+            return F.normalize(embedding, dim=-1)
+        return F.normalize(embedding, dim=-1), F.normalize(patches, dim=-1)
 
 
 @dataclass
@@ -174,7 +177,11 @@ def fit(
             with accelerator.accumulate(head):
                 images, texts = sample_batch(data.train, config, step)
                 with accelerator.autocast():
-                    embeddings = head(data.train.features[images].to(accelerator.device))
+                    features = data.train.features[images].to(accelerator.device)
+                    if config.dense_weight:
+                        embeddings, patches = head(features, with_patches=True)
+                    else:
+                        embeddings = head(features)
                     unwrapped = accelerator.unwrap_model(head)
                     args = (
                         (unwrapped.logit_scale,)
@@ -182,6 +189,11 @@ def fit(
                         else (unwrapped.logit_scale, unwrapped.logit_bias)
                     )
                     loss = loss_fn(embeddings.float(), texts.to(accelerator.device), *args)
+                    if config.dense_weight:  # grounding: captions against patches (losses.dense_loss)
+                        dense = dense_loss(
+                            patches.float(), texts.to(accelerator.device), unwrapped.logit_scale
+                        )
+                        loss = loss + config.dense_weight * dense
                 accelerator.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad()
