@@ -249,3 +249,23 @@ def test_training_with_the_dense_loss_moves_the_patch_embeddings(tmp_path):
     # Same seed and data: the first step adds the dense term (about log 8 while nothing is learnt yet).
     assert losses[1.0][0] > losses[0.0][0] + 0.1
     assert all(np.isfinite(losses[1.0]))
+
+
+def test_grounding_demo_command_prints_both_projectors_and_draws_the_heatmaps(tmp_path, monkeypatch, capsys):
+    from conftest import tiny_bridge_config
+
+    import training.demo
+    from bridge.config import RunConfig, TrainConfig
+
+    train = TrainConfig(steps=3, batch_size=8, held_out=4, eval_every=0, checkpoint_every=0, warmup_steps=1)
+    monkeypatch.setattr(
+        training.demo, "RunConfig", lambda: RunConfig(tiny_bridge_config(width=32, num_heads=2), train)
+    )
+    out = tmp_path / "demo"
+    assert main(["demo", "grounding", "--out", str(out), "--scenes", "16", "--eval-scenes", "3"]) == 0
+    table = capsys.readouterr().out
+    for name in ("CLS-only linear", "patch-token attention, dense"):
+        row = next(line for line in table.splitlines() if line.startswith(name))
+        assert len(row[len(name) :].split()) == 5  # mIoU, mIoU without background, pointing, threshold, R@1
+    assert Image.open(out / "grounding.png").size[0] > 2 * 224
+    assert (out / "bridge" / "model.safetensors").exists()
