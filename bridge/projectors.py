@@ -167,7 +167,9 @@ class AttentionPoolProjector(nn.Module):
             nn.Dropout(dropout),
             nn.Linear(width, width),
         )
-        self.keys = nn.Linear(width, num_heads)  # one attention logit per head and token
+        # One attention logit per head and token. No bias: a softmax over tokens ignores a per-head
+        # constant, so a bias would get only rounding noise as gradient, and Adam would turn it into drift.
+        self.keys = nn.Linear(width, num_heads, bias=False)
         self.out = nn.Linear(width, out_dim)
 
     def forward(

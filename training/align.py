@@ -13,13 +13,14 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -117,11 +118,13 @@ class AlignmentData:
 class TrainableHead(nn.Module):
     """What training updates: the projector and the loss's temperature and bias, nothing frozen."""
 
-    def __init__(self, bridge: TextBridge):
+    def __init__(self, bridge: TextBridge, loss: str = "infonce"):
         super().__init__()
         self.projector = bridge.projector
         self.logit_scale = bridge.logit_scale
         self.logit_bias = bridge.logit_bias
+        # Only what the loss reads takes gradients: DDP waits for a gradient of every such parameter.
+        self.logit_bias.requires_grad_(loss != "infonce")
 
     def forward(self, features, with_patches: bool = False):
         """Normalised global embeddings (B, E); with_patches: and per-patch ones (B, N, E) for the dense loss."""
@@ -153,21 +156,29 @@ def fit(
     if config.loss not in LOSSES:
         raise ConfigError(f"unknown loss '{config.loss}'; choose one of {', '.join(LOSSES)}")
     accelerator = Accelerator(
-        mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.grad_accum,
+        cpu=_cpu_only(),
     )
-    head = TrainableHead(bridge)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    head = TrainableHead(bridge, config.loss)
     optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     start = _load_checkpoint(out_dir, head, optimizer) if resume else 0
     head, optimizer = accelerator.prepare(head, optimizer)
     loss_fn = LOSSES[config.loss]
     losses: list[float] = []
     log_path = out_dir / "train_log.jsonl"
-    if log_path.exists():  # a killed run may have logged steps past its last checkpoint: drop them
+    main = accelerator.is_main_process  # under `accelerate launch`, the one that writes files
+    if log_path.exists() and main:  # steps a killed run logged past its last checkpoint are dropped
         kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= start]
         log_path.write_text("".join(line + "\n" for line in kept))
-    log_file = log_path.open("a")
+    log_file = log_path.open("a") if main else open(os.devnull, "w")
     bar = tqdm(
-        range(start, config.steps), desc="training", initial=start, total=config.steps, disable=not progress
+        range(start, config.steps),
+        desc="training",
+        initial=start,
+        total=config.steps,
+        disable=not (progress and main),
     )
     head.train()
     try:
@@ -177,11 +188,14 @@ def fit(
             with accelerator.accumulate(head):
                 images, texts = sample_batch(data.train, config, step)
                 with accelerator.autocast():
-                    features = data.train.features[images].to(accelerator.device)
+                    # Each process embeds its slice of the global batch; the losses see the whole batch.
+                    features = data.train.features[_slice(images, rank, world)].to(accelerator.device)
                     if config.dense_weight:
                         embeddings, patches = head(features, with_patches=True)
+                        patches = gather_with_gradient(patches) if world > 1 else patches
                     else:
                         embeddings = head(features)
+                    embeddings = gather_with_gradient(embeddings) if world > 1 else embeddings
                     unwrapped = accelerator.unwrap_model(head)
                     args = (
                         (unwrapped.logit_scale,)
@@ -206,13 +220,41 @@ def fit(
             if config.eval_every and done % config.eval_every == 0 and done < config.steps:
                 metrics = evaluate_alignment(bridge, data.held_out)
                 log.info("step %d: held-out text->image R@1 %.3f", done, metrics["text_to_image_R@1"])
-            if config.checkpoint_every and done % config.checkpoint_every == 0:
+            if config.checkpoint_every and done % config.checkpoint_every == 0 and main:
                 _save_checkpoint(out_dir, accelerator.unwrap_model(head), optimizer, done)
     finally:  # an interrupted run still closes its log with a line per step it ran
         log_file.close()
         bar.close()
     metrics = evaluate_alignment(bridge, data.held_out)
     return TrainResult(config.steps, losses, metrics, data.skipped)
+
+
+def gather_with_gradient(local: torch.Tensor) -> torch.Tensor:
+    """Every process's (b, ...) rows, in rank order, as one (world * b, ...) tensor gradients flow through.
+
+    Every process then computes the same whole-batch loss, and the gradients each one sends back to the
+    others' rows are summed into theirs: world times the true gradient of its own rows, which DDP's average
+    over processes turns into exactly the one-process gradient of the same global batch (open_clip's
+    `gather_with_grad`). The autograd all-gather is torch's own; `torch.distributed.nn`'s is deprecated.
+    """
+    from torch.distributed._functional_collectives import all_gather_single
+
+    return all_gather_single(local.contiguous(), 0, torch.distributed.group.WORLD)
+
+
+def _slice(images: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    if len(images) % world:
+        raise ConfigError(
+            f"the global batch of {len(images)} images does not split over {world} processes; "
+            f"set train.batch_size to a multiple of {world} (and no more than the training images)"
+        )
+    return images.view(world, -1)[rank]
+
+
+def _cpu_only() -> bool:
+    # With no GPU, `accelerate launch --multi_gpu --num_processes N` still starts N processes; told it is
+    # on the CPU, accelerate joins them with gloo rather than running N independent copies.
+    return not torch.cuda.is_available()
 
 
 def learning_rate(config: TrainConfig, step: int) -> float:
@@ -272,17 +314,26 @@ def train_text_bridge(
             raise ConfigError(
                 f"--resume with a config that differs from the one in '{saved_config}'; use the same"
             )
-    elif not resume:
-        shutil.rmtree(out_dir / CHECKPOINTS, ignore_errors=True)
-        (out_dir / "train_log.jsonl").unlink(missing_ok=True)
-    saved_config.write_text(json.dumps(to_dict(config), indent=2))
-    torch.manual_seed(config.train.seed)
-    bridge = TextBridge.from_config(config.bridge)
-    cache_dir = config.train.cache_dir or out_dir / "cache"
-    alignment = AlignmentData.prepare(bridge, data, config.train, cache_dir, image_root, progress)
+    # Under `accelerate launch`, the main process fills the caches and owns the files; the others wait,
+    # then read the caches it filled.
+    state = PartialState(cpu=_cpu_only())
+    with state.main_process_first():
+        if state.is_main_process:
+            if not resume:
+                shutil.rmtree(out_dir / CHECKPOINTS, ignore_errors=True)
+                (out_dir / "train_log.jsonl").unlink(missing_ok=True)
+            saved_config.write_text(json.dumps(to_dict(config), indent=2))
+        torch.manual_seed(config.train.seed)
+        bridge = TextBridge.from_config(config.bridge)
+        cache_dir = config.train.cache_dir or out_dir / "cache"
+        alignment = AlignmentData.prepare(
+            bridge, data, config.train, cache_dir, image_root, progress and state.is_main_process
+        )
     result = fit(bridge, alignment, config.train, out_dir, resume=resume, progress=progress)
-    bridge.save_pretrained(out_dir)
-    (out_dir / "metrics.json").write_text(json.dumps(result.metrics, indent=2))
+    if state.is_main_process:
+        bridge.save_pretrained(out_dir)
+        (out_dir / "metrics.json").write_text(json.dumps(result.metrics, indent=2))
+    state.wait_for_everyone()
     return bridge, result
 
 
