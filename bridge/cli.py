@@ -215,7 +215,8 @@ def _index(args) -> int:
     from bridge.index import run_index_command
 
     summary = run_index_command(args.folder, args.model, args.out, args.workers)
-    print(summary)
+    if summary is not None:  # None: a helper process of `accelerate launch`; the main one reports
+        print(summary)
     return 0
 
 

@@ -1,18 +1,6 @@
 """The image index: every image under a folder, embedded once, searchable by text, by image, or both.
 
-An index is a directory:
-
-    manifest.json              what is committed: format, bridge fingerprint, folder, shards and dropped rows
-    shard-000001.rows.jsonl    one JSON object a line: path (relative to the folder), size, mtime_ns, sha256
-    shard-000001.text.npy      (n, E) float16, L2-normalised bridge embeddings (the text space)
-    shard-000001.image.npy     (n, D) float16, L2-normalised DINOv2 CLS tokens (image-to-image search)
-    failures.log               the files the last run could not index, one "path: reason" a line
-    faiss-<space>-<gen>.index  the FAISS index of a large index (bridge/search.py), cached between searches
-
-Why a killed run loses nothing: a shard is written under a name no manifest mentions yet, then one
-`os.replace` of manifest.json commits it. Shards are never modified; the manifest lists the rows of deleted
-or changed files as dropped. So a run killed at any moment leaves the last manifest, naming only complete
-shards, and the next run deletes the orphans and embeds only what that manifest lacks.
+The files it is made of, and why a killed run loses nothing, are in index_files.py.
 
 Not here: argument parsing (cli.py), image decoding rules (images.py), models (model.py), the search
 back-ends (search.py).
@@ -26,7 +14,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,13 +25,24 @@ from tqdm.auto import tqdm
 
 from bridge.decoding import ordered_map
 from bridge.images import ImageLoadError, is_supported_image, load_image, try_load_image
+from bridge.index_files import (
+    FORMAT,
+    MANIFEST,
+    FileRecord,
+    Part,
+    Shard,
+    delete_shard_files,
+    read_manifest,
+    read_shard,
+    write_atomic,
+    write_shard,
+)
 from bridge.model import TextBridge
+from bridge.runtime import processes
 from bridge.search import EXACT_UP_TO, FLAT_UP_TO, build_faiss_index, exact_search, faiss_search, import_faiss
 
 log = logging.getLogger(__name__)
 
-FORMAT = "dinobridge-index/1"
-MANIFEST = "manifest.json"
 FAILURE_LOG = "failures.log"
 COMPACT_SHARDS = 32  # an update leaving more shards than this (or 25% of rows dropped) compacts the index
 SHARD_ROWS = 65_536  # rows per shard when compacting or saving
@@ -53,14 +52,6 @@ Query = str | os.PathLike | Image.Image
 
 class IndexMismatchError(ValueError):
     """A bridge whose fingerprint differs from the one that built the index."""
-
-
-@dataclass(frozen=True)
-class FileRecord:
-    path: str  # relative to the indexed folder, "/"-separated
-    size: int
-    mtime_ns: int
-    sha256: str
 
 
 @dataclass
@@ -86,20 +77,11 @@ class IndexSummary:
         return "\n".join(lines)
 
 
-@dataclass(eq=False)
-class _Shard:
-    name: str
-    records: list[FileRecord]
-    text: np.ndarray  # (n, E) float16
-    image: np.ndarray  # (n, D) float16
-    dropped: set[int] = field(default_factory=set)
-
-
 class ImageIndex:
     """Embeddings of the images under one folder, made by one bridge. Make one with `ImageIndex.build`,
     open one with `ImageIndex.load`; `search` returns [(absolute path, score)], best first."""
 
-    def __init__(self, directory: Path, manifest: dict, shards: list[_Shard], bridge: TextBridge | None):
+    def __init__(self, directory: Path, manifest: dict, shards: list[Shard], bridge: TextBridge | None):
         self.directory, self.root = directory, Path(manifest["root"])
         self.fingerprint: str = manifest["fingerprint"]
         self.model_dir: str | None = manifest["model_dir"]  # where the bridge is saved, if it was said
@@ -109,7 +91,7 @@ class ImageIndex:
         if bridge is not None:
             self._use_bridge(bridge)
 
-    def _set_shards(self, shards: list[_Shard]) -> None:
+    def _set_shards(self, shards: list[Shard]) -> None:
         self._shards = shards
         self._live = {r.path: (s, i) for s in shards for i, r in enumerate(s.records) if i not in s.dropped}
         self._views: dict[str, np.ndarray] = {}  # "text"/"image" -> (N, dim) live rows, made on first use
@@ -165,14 +147,26 @@ class ImageIndex:
         changed. Failed files are reported in the summary and failures.log, and retried on the next run.
         Worker processes start like `multiprocessing`'s "forkserver": a script calling this needs an
         `if __name__ == "__main__":` guard.
+
+        Under `accelerate launch` with N processes, each embeds every N-th file to do and writes its
+        shards as a part; the main process then commits all parts in one manifest write (a killed run
+        leaves the previous index, and the next run redoes the uncommitted parts). Only the main
+        process's summary counts the whole run; the others' cover their own files.
         """
         bridge = self._use_bridge(bridge)
         if not self.root.is_dir():  # an unmounted drive must not read as "every image was deleted"
             raise FileNotFoundError(f"folder '{self.root}' indexed by '{self.directory}' is not there")
         started, summary = time.perf_counter(), IndexSummary()
-        self._remove_orphans()
-        tasks, gone = self._scan(summary)
-        if gone:
+        state = processes()
+        rank, world = state.process_index, state.num_processes
+        if rank == 0:
+            self._remove_orphans()
+        state.wait_for_everyone()
+        tasks, gone = self._scan(summary if rank == 0 else IndexSummary())
+        tasks = tasks[rank::world]
+        part = Part(self.directory, rank, world, self._manifest["next_shard"]) if world > 1 else None
+        commit = self._commit if part is None else part.add
+        if gone and rank == 0:
             self._commit([], [], [], drops=gone)
             summary.removed = len(gone)
 
@@ -215,23 +209,34 @@ class ImageIndex:
                 if len(batch) >= batch_size or len(records) + len(batch) >= commit_every:
                     embed_batch()
             if len(records) >= commit_every:
-                self._commit(records, text, image, drops)
+                commit(records, text, image, drops)
                 records, text, image, drops = [], [], [], []
         if batch:
             embed_batch()
         if records or drops:
-            self._commit(records, text, image, drops)
+            commit(records, text, image, drops)
+        if part is not None:
+            part.finish(
+                {"indexed": summary.indexed, "unchanged": summary.unchanged, "failed": summary.failed}
+                | {"model_seconds": summary.model_seconds}
+            )
+            state.wait_for_everyone()
+            if rank == 0:
+                self._merge_parts(world, summary)
+            state.wait_for_everyone()
+            if rank != 0:
+                return summary
         if len(self._shards) > COMPACT_SHARDS or 4 * sum(len(s.dropped) for s in self._shards) > len(self):
             self.save(self.directory)
 
         summary.failure_log = str(self.directory / FAILURE_LOG)
-        _write_atomic(self.directory / FAILURE_LOG, "".join(f"{p}: {r}\n" for p, r in summary.failed))
+        write_atomic(self.directory / FAILURE_LOG, "".join(f"{p}: {r}\n" for p, r in summary.failed))
         summary.total, summary.decode_wait_seconds = len(self), timing["wait"]
         summary.seconds = time.perf_counter() - started
         log.info("index '%s': %s", self.directory, summary)
         return summary
 
-    def _scan(self, summary: IndexSummary) -> tuple[list[tuple], list[tuple[_Shard, int]]]:
+    def _scan(self, summary: IndexSummary) -> tuple[list[tuple], list[tuple[Shard, int]]]:
         """Walk the folder: (files to read, rows of files gone). Files whose size and mtime match their
         record count as unchanged unread; files that cannot even be stat'ed count as failed."""
         tasks, seen = [], set()
@@ -253,29 +258,54 @@ class ImageIndex:
         return tasks, [self._live[relative] for relative in self._live if relative not in seen]
 
     def _commit(self, records: list[FileRecord], text: list, image: list, drops: list) -> None:
-        """Write one shard (if there are records) and the manifest naming it: the moment the index changes.
-        A record whose path is indexed replaces that row in the same commit, so no path is ever doubled."""
-        drops = drops + [self._live[r.path] for r in records if r.path in self._live]
-        shards, number = list(self._shards), self._manifest["next_shard"]
-        if records:
-            shards.append(_write_shard(self.directory, number, records, np.stack(text), np.stack(image)))
+        """Write one shard (if there are records) and the manifest naming it: the moment the index changes."""
+        number = self._manifest["next_shard"]
+        new = (
+            [write_shard(self.directory, number, records, np.stack(text), np.stack(image))] if records else []
+        )
+        self._commit_shards(new, drops, next_shard=number + len(new))
+
+    def _commit_shards(self, new: list[Shard], drops: list[tuple[Shard, int]], next_shard: int) -> None:
+        """Add written shards and drop rows in one manifest write. A record whose path is indexed replaces
+        that row in the same commit, so no path is ever doubled."""
+        drops = drops + [self._live[r.path] for s in new for r in s.records if r.path in self._live]
+        shards = self._shards + new
         dropped = {s.name: set(s.dropped) for s in shards}
         for shard, row in drops:
             dropped[shard.name].add(row)
         kept = [s for s in shards if len(dropped[s.name]) < len(s.records)]
-        self._write_manifest(kept, dropped, next_shard=number + bool(records))
+        self._write_manifest(kept, dropped, next_shard=next_shard)
         for shard in shards:  # committed: only now does the index in memory follow
             shard.dropped = dropped[shard.name]
             if shard not in kept:
-                _delete_shard_files(self.directory, shard.name)
+                delete_shard_files(self.directory, shard.name)
         self._set_shards(kept)
 
-    def _write_manifest(self, shards: list[_Shard], dropped: dict[str, set[int]], next_shard: int) -> None:
+    def _merge_parts(self, world: int, summary: IndexSummary) -> None:
+        """The main process commits every process's part at once and adds their counts to `summary`."""
+        shards, drops, next_shard = [], [], self._manifest["next_shard"]
+        for rank in range(world):
+            part = json.loads((self.directory / Part.file_name(rank)).read_text())
+            shards += [
+                read_shard(self.directory, {"name": n, "rows": r, "dropped": []}) for n, r in part["shards"]
+            ]
+            drops += [self._live[path] for path in part["drops"] if path in self._live]
+            next_shard = max(next_shard, part["next_shard"])
+            if rank:  # the main process's own counts are in `summary` already
+                summary.indexed += part["indexed"]
+                summary.unchanged += part["unchanged"]
+                summary.failed += [tuple(failure) for failure in part["failed"]]
+                summary.model_seconds = max(summary.model_seconds, part["model_seconds"])
+        self._commit_shards(shards, drops, next_shard)
+        for rank in range(world):
+            (self.directory / Part.file_name(rank)).unlink()
+
+    def _write_manifest(self, shards: list[Shard], dropped: dict[str, set[int]], next_shard: int) -> None:
         manifest = dict(self._manifest, generation=self._manifest["generation"] + 1, next_shard=next_shard)
         manifest["shards"] = [
             {"name": s.name, "rows": len(s.records), "dropped": sorted(dropped[s.name])} for s in shards
         ]
-        _write_atomic(self.directory / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+        write_atomic(self.directory / MANIFEST, json.dumps(manifest, indent=1) + "\n")
         self._manifest = manifest
 
     def _remove_orphans(self) -> None:
@@ -283,7 +313,7 @@ class ImageIndex:
         named = {s.name for s in self._shards}
         for path in self.directory.iterdir():
             orphan = path.name.startswith("shard-") and path.name.split(".")[0] not in named
-            if orphan or path.suffix == ".tmp":
+            if orphan or path.suffix == ".tmp" or path.name.startswith(Part.PREFIX):
                 path.unlink()
 
     def _record(self, relative: str) -> FileRecord | None:
@@ -305,21 +335,21 @@ class ImageIndex:
         for number, start in enumerate(range(0, len(paths), SHARD_ROWS), start=first):
             rows = slice(start, start + SHARD_ROWS)
             records = [self._record(p) for p in paths[rows]]
-            shards.append(_write_shard(directory, number, records, text[rows], image[rows]))
+            shards.append(write_shard(directory, number, records, text[rows], image[rows]))
         target = self if in_place else ImageIndex(directory, dict(self._manifest, generation=0), [], None)
         old = self._shards if in_place else []
         target._write_manifest(shards, {s.name: set() for s in shards}, next_shard=first + len(shards))
         target._set_shards(shards)
         for shard in old:
-            _delete_shard_files(directory, shard.name)
+            delete_shard_files(directory, shard.name)
 
     @classmethod
     def load(cls, directory: str | os.PathLike, bridge: TextBridge | None = None) -> ImageIndex:
         """Open a saved index; with `bridge`, check that it is the one that built the index. Embeddings are
         memory-mapped until the first search."""
         directory = Path(directory)
-        manifest = _read_manifest(directory)
-        return cls(directory, manifest, [_read_shard(directory, e) for e in manifest["shards"]], bridge)
+        manifest = read_manifest(directory)
+        return cls(directory, manifest, [read_shard(directory, e) for e in manifest["shards"]], bridge)
 
     # --- searching ------------------------------------------------------------------------------------
 
@@ -476,56 +506,6 @@ def _image_files(root: Path, failed: list[tuple[str, str]]) -> Iterator[Path]:
         yield from (Path(folder, name) for name in sorted(files) if is_supported_image(name))
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    with open(f"{path}.tmp", "w", encoding="utf-8", errors="surrogateescape") as file:  # any file name
-        file.write(text)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(f"{path}.tmp", path)
-
-
-def _write_shard(directory: Path, number: int, records: list, text: np.ndarray, image: np.ndarray) -> _Shard:
-    name = f"shard-{number:06d}"
-    text, image = np.ascontiguousarray(text, np.float16), np.ascontiguousarray(image, np.float16)
-    for suffix, array in (("text", text), ("image", image)):
-        with open(directory / f"{name}.{suffix}.npy", "wb") as file:
-            np.save(file, array, allow_pickle=False)
-            file.flush()
-            os.fsync(file.fileno())
-    _write_atomic(directory / f"{name}.rows.jsonl", "".join(json.dumps(asdict(r)) + "\n" for r in records))
-    return _Shard(name, list(records), text, image)
-
-
-def _read_manifest(directory: Path) -> dict:
-    if not (directory / MANIFEST).is_file():
-        raise FileNotFoundError(f"'{directory}' is not an image index: it has no {MANIFEST}")
-    manifest = json.loads((directory / MANIFEST).read_text())
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"'{directory / MANIFEST}' has format {manifest.get('format')!r}, not {FORMAT!r}")
-    return manifest
-
-
-def _read_shard(directory: Path, entry: dict) -> _Shard:
-    name = entry["name"]
-    records = [
-        FileRecord(**json.loads(line)) for line in (directory / f"{name}.rows.jsonl").read_text().splitlines()
-    ]
-    text, image = (
-        np.load(directory / f"{name}.{s}.npy", mmap_mode="r", allow_pickle=False) for s in ("text", "image")
-    )
-    if not len(records) == len(text) == len(image) == entry["rows"]:
-        raise ValueError(
-            f"index shard '{directory / name}' is damaged: the manifest says {entry['rows']} rows, its files "
-            f"hold {len(records)} records, {len(text)} and {len(image)} embeddings; rebuild the index"
-        )
-    return _Shard(name, records, text, image, set(entry["dropped"]))
-
-
-def _delete_shard_files(directory: Path, name: str) -> None:
-    for suffix in ("rows.jsonl", "text.npy", "image.npy"):
-        (directory / f"{name}.{suffix}").unlink(missing_ok=True)
-
-
 def _as_list(value) -> list:
     if value is None:
         return []
@@ -537,10 +517,13 @@ def _as_list(value) -> list:
 
 def run_index_command(
     folder: str | os.PathLike, model_dir: str | os.PathLike, out_dir: str | os.PathLike, workers: int | None
-) -> IndexSummary:
-    """`dinobridge index`: index `folder` (or update its index) with the bridge saved in `model_dir`."""
-    bridge = TextBridge.from_pretrained(model_dir)
-    return ImageIndex.build(folder, bridge, out_dir, workers=workers, model_dir=model_dir).summary
+) -> IndexSummary | None:
+    """`dinobridge index`: index `folder` (or update its index) with the bridge saved in `model_dir`.
+    Under `accelerate launch`, the main process returns the run's summary and the others None."""
+    state = processes()
+    bridge = TextBridge.from_pretrained(model_dir).to(state.device)
+    summary = ImageIndex.build(folder, bridge, out_dir, workers=workers, model_dir=model_dir).summary
+    return summary if state.is_main_process else None
 
 
 def run_search_command(
@@ -554,7 +537,7 @@ def run_search_command(
 ) -> str:
     """`dinobridge search`: the text to print, "score  path" lines or a JSON list of {"path", "score"}.
     `model_dir` None means the bridge directory the index recorded when it was built."""
-    model_dir = model_dir or _read_manifest(Path(index_dir))["model_dir"]
+    model_dir = model_dir or read_manifest(Path(index_dir))["model_dir"]
     if model_dir is None:
         raise ValueError(
             f"index '{index_dir}' does not record its model; pass the bridge directory (--model)"

@@ -20,13 +20,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from bridge.config import ConfigError, RunConfig, TrainConfig, to_dict
 from bridge.model import TextBridge, read_safetensors
+from bridge.runtime import cpu_only, processes
 from training.cache import CachedFeatures, FeatureCache, TextCache
 from training.data import held_out_split, load_pairs, parse_synthetic_spec, synthetic_pairs
 from training.evaluate import retrieval_recall
@@ -158,7 +159,7 @@ def fit(
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.grad_accum,
-        cpu=_cpu_only(),
+        cpu=cpu_only(),  # as runtime.processes(): N CPU processes join with gloo
     )
     rank, world = accelerator.process_index, accelerator.num_processes
     head = TrainableHead(bridge, config.loss)
@@ -251,12 +252,6 @@ def _slice(images: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     return images.view(world, -1)[rank]
 
 
-def _cpu_only() -> bool:
-    # With no GPU, `accelerate launch --multi_gpu --num_processes N` still starts N processes; told it is
-    # on the CPU, accelerate joins them with gloo rather than running N independent copies.
-    return not torch.cuda.is_available()
-
-
 def learning_rate(config: TrainConfig, step: int) -> float:
     """Linear warm-up, then cosine decay to zero: a function of the step alone, so resuming is exact."""
     if step < config.warmup_steps:
@@ -316,7 +311,7 @@ def train_text_bridge(
             )
     # Under `accelerate launch`, the main process fills the caches and owns the files; the others wait,
     # then read the caches it filled.
-    state = PartialState(cpu=_cpu_only())
+    state = processes()
     with state.main_process_first():
         if state.is_main_process:
             if not resume:
