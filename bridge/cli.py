@@ -124,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--model", help="bridge directory (default: the one the index was built with)")
     search.add_argument("--json", action="store_true", help="print a JSON list of {path, score}")
     search.set_defaults(handler=_search)
+    _add_llm_route_commands(commands)
     return parser
 
 
@@ -345,6 +346,77 @@ def _eval_zeroshot(args) -> int:
 
 def _recalls(metrics: dict[str, float], direction: str) -> str:
     return " / ".join(f"{metrics[f'{direction}_R@{k}']:.3f}" for k in (1, 5, 10))
+
+
+def _add_llm_route_commands(commands) -> None:
+    train = commands.add_parser("train-vlm", help="train a VisionLLM: projector, then projector + LoRA")
+    train.add_argument("--config", help="YAML VLM config (default: the offline default)")
+    train.add_argument("--data", required=True, help="LLaVA conversation .json, caption data or synthetic:N")
+    train.add_argument("--image-root", help="folder image paths are relative to (default: the data file's)")
+    train.add_argument("--out", required=True, help="directory for the VisionLLM, checkpoints and logs")
+    train.add_argument("--base", help="a saved VisionLLM to start from (e.g. the stage 1 result)")
+    train.add_argument("--stage", type=int, choices=(0, 1, 2), help="override train.stage")
+    train.add_argument("--steps", type=int, help="override train.steps")
+    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    train.set_defaults(handler=_train_vlm)
+
+    chat = commands.add_parser("chat", help="ask a VisionLLM about images")
+    chat.add_argument("question")
+    chat.add_argument("--model", required=True, help="a saved VisionLLM directory")
+    chat.add_argument("--image", action="append", default=[], help="image file (repeatable, in order)")
+    chat.add_argument("--max-new-tokens", type=int, default=64)
+    chat.set_defaults(handler=_chat)
+
+    export = commands.add_parser("export-llava", help="write a VisionLLM as a transformers LLaVA checkpoint")
+    export.add_argument("model", help="a saved VisionLLM directory")
+    export.add_argument("out", help="output directory for LlavaForConditionalGeneration + its processor")
+    export.set_defaults(handler=_export_llava)
+
+    demo = commands.add_parser("demo-vlm", help="the LLM route end to end on the offline default")
+    demo.add_argument("--out", default="demo-vlm-out", help="output directory (default: demo-vlm-out)")
+    demo.set_defaults(handler=_demo_vlm)
+
+
+def _train_vlm(args) -> int:
+    from bridge.config import VLMRunConfig
+    from training.vlm import train_vlm
+
+    config = load_config(args.config, VLMRunConfig) if args.config else VLMRunConfig()
+    for key in ("stage", "steps"):
+        if getattr(args, key) is not None:
+            setattr(config.train, key, getattr(args, key))
+    _, result = train_vlm(config, args.data, args.out, args.resume, args.image_root, args.base)
+    for origin, reason in result.skipped:
+        print(f"skipped {origin}: {reason}")
+    for kind, accuracy in result.metrics.items():
+        print(f"held-out answer accuracy, {kind}: {accuracy:.3f}")
+    print(f"saved the VisionLLM to {args.out}")
+    return 0
+
+
+def _chat(args) -> int:
+    from bridge.vlm import VisionLLM
+
+    model = VisionLLM.from_pretrained(args.model).eval()
+    print(model.chat(args.question, args.image, max_new_tokens=args.max_new_tokens))
+    return 0
+
+
+def _export_llava(args) -> int:
+    from bridge.llava_export import export_llava
+    from bridge.vlm import VisionLLM
+
+    out = export_llava(VisionLLM.from_pretrained(args.model), args.out)
+    print(f"wrote {out}: load it with transformers.LlavaForConditionalGeneration and AutoProcessor")
+    return 0
+
+
+def _demo_vlm(args) -> int:
+    from training.vlm_demo import run_vlm_demo
+
+    result = run_vlm_demo(args.out)
+    print(result.report())
+    return 0
 
 
 if __name__ == "__main__":

@@ -70,9 +70,11 @@ def build_offline_llm(
     architecture = dict(config.architecture)
     model_type = architecture.pop("model_type", "llama")
     try:
+        # An architecture may ask for a larger vocabulary (a real LLM's shape, for benchmarks), never smaller.
+        vocabulary = max(len(tokenizer), architecture.pop("vocab_size", 0))
         model_config = transformers.AutoConfig.for_model(
             model_type,
-            vocab_size=len(tokenizer),
+            vocab_size=vocabulary,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
             bos_token_id=None,

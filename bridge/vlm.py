@@ -196,16 +196,27 @@ class VisionLLM(nn.Module):
         self, prompts: Sequence[str], images: Sequence[Sequence[ImageLike]], padding_side: str = "left"
     ) -> dict[str, torch.Tensor]:
         """Tokenised, placeholder-expanded, padded prompts and their images' visual tokens, in order."""
-        self.count_placeholders(prompts, [len(group) for group in images])
+        counts = [len(group) for group in images]
+        self.count_placeholders(prompts, counts)
         flat = [image for group in images for image in group]
-        visual = self.visual_tokens(flat) if flat else None
-        per_image = visual.shape[1] if visual is not None else 0
+        return self.tokenize(prompts, counts, self.visual_tokens(flat) if flat else None, padding_side)
+
+    def tokenize(
+        self,
+        prompts: Sequence[str],
+        images_per_prompt: Sequence[int],
+        visual_tokens: torch.Tensor | None,
+        padding_side: str = "left",
+    ) -> dict[str, torch.Tensor]:
+        """`batch` for visual tokens already made ((n_images, T, D), e.g. from cached features)."""
+        self.count_placeholders(prompts, images_per_prompt)
+        per_image = visual_tokens.shape[1] if visual_tokens is not None else 0
         ids = [
             self.expand_placeholders(self.tokenizer(prompt, add_special_tokens=False).input_ids, per_image)
             for prompt in prompts
         ]
         input_ids, attention_mask = pad(ids, self.tokenizer.pad_token_id or 0, padding_side)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "visual_tokens": visual}
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "visual_tokens": visual_tokens}
 
     # ---- the LLM ------------------------------------------------------------------------------------------
 
@@ -260,7 +271,14 @@ class VisionLLM(nn.Module):
             prompts, images = [prompts], [list(images)]
         elif not images:
             images = [[] for _ in prompts]
-        inputs = self.batch(prompts, images, padding_side="left")
+        replies = self.generate_from(self.batch(prompts, images), max_new_tokens, **generate_options)
+        return replies[0] if single else replies
+
+    @torch.no_grad()
+    def generate_from(
+        self, inputs: dict[str, torch.Tensor], max_new_tokens: int = 32, **generate_options
+    ) -> list[str]:
+        """Replies to a left-padded batch made by `batch` or `tokenize`."""
         input_ids, attention_mask = (
             inputs["input_ids"].to(self.device),
             inputs["attention_mask"].to(self.device),
@@ -274,8 +292,7 @@ class VisionLLM(nn.Module):
             eos_token_id=self.tokenizer.eos_token_id,
             **options,
         )
-        replies = [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in output]
-        return replies[0] if single else replies
+        return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in output]
 
     def chat(self, question: str, images: Sequence[ImageLike] = (), max_new_tokens: int = 32) -> str:
         """One user turn about `images` (placeholders put before the question) -> the reply."""
@@ -304,7 +321,8 @@ class VisionLLM(nn.Module):
         }
         save_file(weights, directory / WEIGHTS_FILE)
         if isinstance(self.llm, peft.PeftModel):
-            self.llm.save_pretrained(directory / ADAPTER_DIR)
+            # Embedding rows grown for the placeholder are rebuilt on loading; no need to copy the matrix.
+            self.llm.save_pretrained(directory / ADAPTER_DIR, save_embedding_layers=False)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> VisionLLM:

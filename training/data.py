@@ -1,4 +1,5 @@
-"""Image-caption data sets: JSONL, CSV, COCO captions JSON, ImageFolder and the synthetic world.
+"""Image-caption data sets (JSONL, CSV, COCO captions JSON, ImageFolder, the synthetic world) and, for the
+LLM route, conversations in LLaVA's JSON format (and synthetic question-answer conversations).
 
 Everything becomes a list of `Pair`s (an image and its captions) read up front, so a missing image or a
 malformed line fails before any work, with the file and line named. Images are decoded later, once, by
@@ -245,3 +246,126 @@ def _read_coco(path: Path, image_root: Path | None) -> list[Pair]:
         Pair(_image_path(base, images[i], f"{path}: image id {i}"), caps, f"{path}: image id {i}")
         for i, caps in captions.items()
     ]
+
+
+# ---- LLM route: conversations ------------------------------------------------------------------------------
+
+IMAGE_PLACEHOLDER = "<image>"  # LLaVA's data writes this in the human turn where each image goes
+LLAVA_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
+
+
+@dataclass
+class Conversation:
+    images: list[str | Scene]  # in the order of the placeholders in the turns
+    turns: list[tuple[str, str]]  # (role: user | assistant | system, text); images as <image> in user turns
+    origin: str  # "llava.json: entry 12", for messages
+    kind: str = ""  # synthetic questions: colour | shape | position | count | caption
+
+    def pairs(self) -> list[Pair]:
+        """Its images as Pairs (no captions), the unit the feature cache stores."""
+        return [Pair(image, [], f"{self.origin} image {i}") for i, image in enumerate(self.images)]
+
+
+def load_conversations(spec: str, image_root: str | None = None) -> list[Conversation]:
+    """LLaVA conversation JSON (a list of {"image": path or [paths], "conversations": [{"from": "human" |
+    "gpt", "value": ...}]}, images relative to `image_root` or the file's folder), image-caption data
+    (any `load_pairs` format, turned into "describe the image" conversations), or `synthetic:N[:SEED]`
+    (N scenes, one question each, every kind the world asks)."""
+    if spec.startswith("synthetic:"):
+        count, seed = parse_synthetic_spec(spec)
+        return synthetic_conversations(count, seed=seed)
+    path = Path(spec)
+    if path.suffix != ".json" or not path.is_file():
+        return caption_conversations(load_pairs(spec, image_root))
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from None
+    if isinstance(entries, dict) and "annotations" in entries:
+        return caption_conversations(load_pairs(spec, image_root))  # COCO captions
+    if not isinstance(entries, list):
+        raise DataError(
+            f"{path}: LLaVA conversation data is a JSON list of entries, got {type(entries).__name__}"
+        )
+    base = Path(image_root) if image_root else path.parent
+    conversations = [
+        _llava_entry(entry, f"{path}: entry {number}", base) for number, entry in enumerate(entries)
+    ]
+    if not conversations:
+        raise DataError(f"{path} holds no conversations")
+    return conversations
+
+
+def caption_conversations(pairs: list[Pair], prompt: str = "Describe the image.") -> list[Conversation]:
+    """Image-caption pairs as LLaVA stage-1 conversations: the image and a fixed prompt, the caption as
+    the answer (the first caption of each pair)."""
+    return [
+        Conversation(
+            [pair.image],
+            [("user", f"{IMAGE_PLACEHOLDER}\n{prompt}"), ("assistant", pair.captions[0])],
+            pair.origin,
+            "caption",
+        )
+        for pair in pairs
+    ]
+
+
+def synthetic_conversations(
+    count: int,
+    seed: int = 0,
+    start: int = 0,
+    kinds: tuple[str, ...] = ("colour", "shape", "position", "count", "caption"),
+    caption_prompt: str = "Describe the image.",
+) -> list[Conversation]:
+    """One single-turn conversation per scene: a question of one of `kinds` (picked by a seeded draw among
+    the kinds the scene can answer), or a caption request."""
+    world = SyntheticWorld(seed)
+    rng = random.Random(seed * 7919 + start)
+    conversations = []
+    for scene in world.scenes(start, count):
+        options = [q for q in scene.questions() if q[2] in kinds]
+        if "caption" in kinds:
+            options.append((caption_prompt, scene.captions(1)[0], "caption"))
+        if not options:
+            continue
+        question, answer, kind = rng.choice(options)
+        origin = f"synthetic:{seed}:{scene.key.rsplit('/', 1)[1]}"
+        conversations.append(
+            Conversation(
+                [scene], [("user", f"{IMAGE_PLACEHOLDER}\n{question}"), ("assistant", answer)], origin, kind
+            )
+        )
+    return conversations
+
+
+def _llava_entry(entry, origin: str, base: Path) -> Conversation:
+    if not isinstance(entry, dict) or not isinstance(entry.get("conversations"), list):
+        raise DataError(
+            f'{origin}: expected {{"image": ..., "conversations": [{{"from": ..., "value": ...}}]}}'
+        )
+    names = entry.get("image", [])
+    names = [names] if isinstance(names, str) else names
+    images = [_image_path(base, name, origin) for name in names]
+    turns = []
+    for number, turn in enumerate(entry["conversations"]):
+        role = LLAVA_ROLES.get(turn.get("from")) if isinstance(turn, dict) else None
+        if role is None or not isinstance(turn.get("value"), str):
+            raise DataError(
+                f'{origin}, turn {number}: needs "from" (one of {", ".join(LLAVA_ROLES)}) and a "value" string'
+            )
+        turns.append((role, turn["value"]))
+    if not any(role == "assistant" for role, _ in turns):
+        raise DataError(f"{origin}: has no gpt/assistant turn, so nothing to learn from")
+    placeholders = sum(text.count(IMAGE_PLACEHOLDER) for _, text in turns)
+    if placeholders != len(images):
+        raise DataError(
+            f"{origin}: {len(images)} image(s) but {placeholders} {IMAGE_PLACEHOLDER} placeholder(s); "
+            f"put one {IMAGE_PLACEHOLDER} in the human turns per image"
+        )
+    return Conversation(images, turns, origin)

@@ -1,0 +1,226 @@
+"""LLM-route training: LLaVA JSON data, answer-only labels, frozen weights, resume, and the CLI verbs.
+
+Tiny models from configs (tests/test_vlm.py) and data made in the test; a few steps each.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+import yaml
+
+from bridge.cli import main
+from bridge.config import VLMRunConfig, VLMTrainConfig, load_config, to_dict
+from bridge.offline_llm import build_tokenizer
+from bridge.synthetic import SyntheticWorld
+from bridge.vlm import VisionLLM
+from tests.conftest import TINY_DINOV2
+from tests.test_recipes import DINOV2_PROCESSOR
+from tests.test_vlm import TINY_LLAMA, tiny_vlm, tiny_vlm_config
+from training.data import DataError, load_conversations, synthetic_conversations
+from training.vlm import IGNORE, ConversationData, encode_conversation, fit_vlm, frozen_state, training_batch
+
+
+@pytest.fixture(scope="module")
+def scenes_56():
+    return [scene.render() for scene in SyntheticWorld(0, image_size=56).scenes(0, 2)]
+
+
+def write_llava_json(folder, entries) -> str:
+    world = SyntheticWorld(0, image_size=56)
+    for i in range(3):
+        world.scene(i).render().save(folder / f"scene{i}.png")
+    path = folder / "llava.json"
+    path.write_text(json.dumps(entries))
+    return str(path)
+
+
+LLAVA_ENTRIES = [
+    {
+        "id": "a",
+        "image": "scene0.png",
+        "conversations": [
+            {"from": "human", "value": "<image>\nWhat colour is the star?"},
+            {"from": "gpt", "value": "blue"},
+            {"from": "human", "value": "Where is the star?"},
+            {"from": "gpt", "value": "top left"},
+        ],
+    },
+    {
+        "id": "b",
+        "image": ["scene1.png", "scene2.png"],
+        "conversations": [
+            {"from": "human", "value": "<image> <image>\nHow many objects are there?"},
+            {"from": "gpt", "value": "three"},
+        ],
+    },
+]
+
+
+def test_llava_json_multi_turn_and_multi_image(tmp_path):
+    conversations = load_conversations(write_llava_json(tmp_path, LLAVA_ENTRIES))
+    assert [len(c.images) for c in conversations] == [1, 2]
+    assert [role for role, _ in conversations[0].turns] == ["user", "assistant", "user", "assistant"]
+    assert conversations[1].images[1].endswith("scene2.png")
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        (
+            {
+                "image": "scene0.png",
+                "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "x"}],
+            },
+            "1 image.* but 0 <image> placeholder",
+        ),
+        (
+            {"image": "gone.png", "conversations": [{"from": "human", "value": "<image>"}]},
+            "image 'gone.png' not found",
+        ),
+        (
+            {"image": "scene0.png", "conversations": [{"from": "human", "value": "<image>"}]},
+            "no gpt/assistant turn",
+        ),
+        ({"conversations": [{"from": "robot", "value": "x"}]}, 'turn 0: needs "from"'),
+    ],
+)
+def test_bad_llava_entries_are_named(tmp_path, entry, message):
+    with pytest.raises(DataError, match=f"entry 0.*{message}|{message}"):
+        load_conversations(write_llava_json(tmp_path, [entry]))
+
+
+def test_loss_only_on_answer_tokens(tmp_path):
+    model = tiny_vlm()
+    conversation = load_conversations(write_llava_json(tmp_path, LLAVA_ENTRIES))[0]
+    ids, labels = encode_conversation(model, conversation.turns)
+    learnt = [token for token, label in zip(ids, labels, strict=True) if label != IGNORE]
+    assert model.tokenizer.decode(learnt) == "blue <|end|> top left <|end|>"
+    assert model.tokenizer.decode(ids).startswith("<|user|> <image> what colour is the star ?")
+    data = ConversationData.prepare(model, [conversation], tmp_path / "cache", progress=False)
+    batch = training_batch(model, data, [0])
+    image_positions = batch["input_ids"][0] == model.image_token_id
+    assert int(image_positions.sum()) == model.tokens_per_image()
+    assert (batch["labels"][0][image_positions] == IGNORE).all()
+
+
+def test_conversations_with_unreadable_images_are_skipped_with_the_reason(tmp_path):
+    path = write_llava_json(tmp_path, LLAVA_ENTRIES)
+    (tmp_path / "scene2.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    model = tiny_vlm()
+    data = ConversationData.prepare(model, load_conversations(path), tmp_path / "cache", progress=False)
+    assert len(data.conversations) == 1
+    assert "entry 1" in data.skipped[0][0] and data.skipped[0][1]
+
+
+def stage2_config(steps: int, **overrides) -> VLMTrainConfig:
+    return VLMTrainConfig(
+        stage=2, steps=steps, batch_size=4, lr=1e-2, warmup_steps=1, checkpoint_every=2, **overrides
+    )
+
+
+def test_lora_stage_changes_only_lora_and_projector(tmp_path):
+    model = tiny_vlm()
+    data = ConversationData.prepare(model, synthetic_conversations(8), tmp_path / "cache", progress=False)
+    model.add_lora()
+    frozen_before = frozen_state(model)
+    projector_before = {k: v.clone() for k, v in model.projector.state_dict().items()}
+    lora_before = {k: v.clone() for k, v in model.llm.named_parameters() if "lora_" in k}
+    result = fit_vlm(model, data, None, stage2_config(3), tmp_path / "run", progress=False)
+    assert len(result.losses) == 3
+    frozen_after = frozen_state(model)
+    assert frozen_before.keys() == frozen_after.keys() and len(frozen_before) > 20
+    assert all(np.array_equal(frozen_before[k], frozen_after[k]) for k in frozen_before)
+    assert any(not torch.equal(v, model.projector.state_dict()[k]) for k, v in projector_before.items())
+    lora_after = dict(model.llm.named_parameters())
+    assert any(not torch.equal(v, lora_after[k]) for k, v in lora_before.items())
+
+
+def test_resume_continues_the_same_run(tmp_path):
+    conversations = synthetic_conversations(8)
+
+    def run(out, steps, resume):
+        model = tiny_vlm()
+        data = ConversationData.prepare(model, conversations, tmp_path / "cache", progress=False)
+        result = fit_vlm(model, data, None, stage2_config(steps), out, resume=resume, progress=False)
+        return model, result
+
+    whole, whole_result = run(tmp_path / "whole", 4, False)
+    run(tmp_path / "parts", 2, False)
+    resumed, resumed_result = run(tmp_path / "parts", 4, True)
+    assert resumed_result.losses == pytest.approx(whole_result.losses[2:], abs=1e-6)
+    for (name, a), b in zip(
+        whole.projector.state_dict().items(), resumed.projector.state_dict().values(), strict=True
+    ):
+        assert torch.allclose(a, b, atol=1e-6), name
+    log = [json.loads(line) for line in (tmp_path / "parts" / "train_log.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in log] == [1, 2, 3, 4]
+
+
+def test_cli_train_chat_and_export(tmp_path, capsys):
+    config = {"vlm": to_dict(tiny_vlm_config()), "train": {"steps": 2, "batch_size": 4, "held_out": 4}}
+    (tmp_path / "vlm.yaml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "model"
+    args = ["train-vlm", "--config", str(tmp_path / "vlm.yaml"), "--data", "synthetic:12", "--out", str(out)]
+    assert main([*args, "--stage", "1"]) == 0
+    assert "held-out answer accuracy" in capsys.readouterr().out
+    assert not (out / "adapter").exists()  # stage 1: the projector alone
+    stage2 = tmp_path / "lora"
+    assert main([*args[:-1], str(stage2), "--base", str(out)]) == 0  # stage 2 is the config's default
+    assert (stage2 / "adapter" / "adapter_config.json").is_file()
+    image = tmp_path / "scene.png"
+    SyntheticWorld(0, image_size=56).scene(0).render().save(image)
+    capsys.readouterr()
+    assert main(["chat", "--model", str(stage2), "--image", str(image), "what colour is the star ?"]) == 0
+    assert isinstance(capsys.readouterr().out, str)
+    assert main(["chat", "--model", str(stage2), "what colour is the star ?", "--image", str(tmp_path)]) == 2
+    assert main(["export-llava", str(stage2), str(tmp_path / "llava")]) == 0
+    assert (tmp_path / "llava" / "config.json").is_file()
+    assert json.loads((tmp_path / "llava" / "config.json").read_text())["model_type"] == "llava"
+
+
+VLM_RECIPE = Path(__file__).resolve().parent.parent / "configs" / "vlm" / "dinov2-b14-qwen2.5-0.5b.yaml"
+
+
+def test_vlm_recipe_names_real_checkpoints_and_runs_on_stand_ins(tmp_path, monkeypatch, scenes_56):
+    """The recipe as written, with only its two names pointed at tiny stand-ins in the same formats: a
+    DINOv2 with a BitImageProcessor (resize 256, crop 224) and a Qwen2 whose tokenizer has no <image>
+    and no pad token, so loading adds the placeholder and grows the embeddings."""
+    config = load_config(VLM_RECIPE, VLMRunConfig)
+    assert (config.vlm.encoder.name, config.vlm.llm.name) == (
+        "facebook/dinov2-base",
+        "Qwen/Qwen2.5-0.5B-Instruct",
+    )
+    assert config.vlm.projector.kind == "mlp" and config.vlm.encoder.layer == -1 and config.train.lr == 2e-4
+    transformers.Dinov2Model(transformers.Dinov2Config(**{**TINY_DINOV2, "image_size": 224})).save_pretrained(
+        tmp_path / "dinov2"
+    )
+    (tmp_path / "dinov2" / "preprocessor_config.json").write_text(json.dumps(DINOV2_PROCESSOR))
+    tokenizer = build_tokenizer(image_token="<im>")
+    tokenizer.pad_token = None
+    qwen = transformers.Qwen2Config(
+        **{k: v for k, v in TINY_LLAMA.items() if k != "model_type"}, vocab_size=len(tokenizer)
+    )
+    transformers.Qwen2ForCausalLM(qwen).save_pretrained(tmp_path / "qwen")
+    tokenizer.save_pretrained(tmp_path / "qwen")
+    config.vlm.encoder.name, config.vlm.llm.name = str(tmp_path / "dinov2"), str(tmp_path / "qwen")
+    model = VisionLLM.from_config(config.vlm).eval()
+    assert model.tokens_per_image() == 256 and model.image_token_id == len(tokenizer)
+    assert "lora_A" in "".join(name for name, _ in model.llm.named_parameters())
+    prompt = model.chat_prompt("what colour is the star ?", 1)
+    with torch.no_grad():
+        batch = model.batch([prompt], [[scenes_56[0]]])
+        logits = model(batch["input_ids"], batch["attention_mask"], batch["visual_tokens"]).logits
+    model.save_pretrained(tmp_path / "saved")
+    monkeypatch.chdir(tmp_path / "qwen")
+    reloaded = VisionLLM.from_pretrained(tmp_path / "saved").eval()
+    with torch.no_grad():
+        batch = reloaded.batch([prompt], [[scenes_56[0]]])
+        again = reloaded(batch["input_ids"], batch["attention_mask"], batch["visual_tokens"]).logits
+    assert torch.equal(logits, again)  # the grown embedding rows are rebuilt the same way
+    assert not (tmp_path / "saved" / "llm").exists()  # a named LLM is not copied, only its adapter

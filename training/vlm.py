@@ -1,0 +1,348 @@
+"""LLM-route training, LLaVA's recipe: stage 1 fits the projector alone on image-caption data; stage 2
+fits the projector and LoRA adapters on the LLM on conversations. The loss counts answer tokens only.
+
+The encoder is frozen, so its features come from the feature cache (training/cache.py) and a step costs
+the projector and the LLM. Batches are a pure function of (seed, step) and checkpoints hold only the
+trained tensors and the optimiser state in safetensors, as in the text route (whose learning-rate
+schedule and checkpoint helpers this reuses), so `--resume` continues the same loss curve. Stage 0
+trains the whole LLM with the projector: only for the demo's tiny LLM, which starts with no language.
+
+Not here: the model (bridge/vlm.py), data parsing (data.py), the demo (vlm_demo.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import peft
+import torch
+from accelerate import Accelerator
+from torch import nn
+from tqdm.auto import tqdm
+
+from bridge.config import ConfigError, VLMRunConfig, VLMTrainConfig, to_dict
+from bridge.vlm import VisionLLM, pad
+from training.align import CHECKPOINTS, RUN_CONFIG, _load_checkpoint, _save_checkpoint, learning_rate
+from training.cache import CachedFeatures, FeatureCache
+from training.data import (
+    IMAGE_PLACEHOLDER,
+    Conversation,
+    DataError,
+    held_out_split,
+    load_conversations,
+    parse_synthetic_spec,
+    synthetic_conversations,
+)
+from training.evaluate import answer_accuracy
+
+log = logging.getLogger(__name__)
+
+IGNORE = -100  # label of tokens the loss skips: prompts, images, padding
+
+
+@dataclass
+class EncodedConversation:
+    ids: list[int]  # one id per image placeholder, expanded at batch time
+    labels: list[int]  # = ids on answer tokens, IGNORE elsewhere
+    image_rows: list[int]  # rows of its images in the CachedFeatures, in placeholder order
+    conversation: Conversation
+
+
+@dataclass
+class ConversationData:
+    conversations: list[EncodedConversation]
+    features: CachedFeatures
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (origin, reason)
+
+    @classmethod
+    def prepare(
+        cls,
+        model: VisionLLM,
+        conversations: Sequence[Conversation],
+        cache_dir: str | Path,
+        workers: int = 0,
+        progress: bool = True,
+    ) -> ConversationData:
+        """Encode every image once (cached) and tokenise every conversation; conversations with an
+        image the loader rejects are skipped with the reason."""
+        pairs = list({pair.key: pair for c in conversations for pair in c.pairs()}.values())
+        features = FeatureCache(cache_dir, model.encoder).features(pairs, workers=workers, progress=progress)
+        row_of = {pair.key: row for row, pair in enumerate(features.pairs)}
+        failed = dict(features.failures)
+        encoded, skipped = [], []
+        for conversation in conversations:
+            keys = [pair.key for pair in conversation.pairs()]
+            if not all(key in row_of for key in keys):
+                reasons = [
+                    failed.get(p.origin, "unreadable") for p in conversation.pairs() if p.key not in row_of
+                ]
+                skipped.append((conversation.origin, "; ".join(reasons)))
+                continue
+            ids, labels = encode_conversation(model, conversation.turns)
+            encoded.append(EncodedConversation(ids, labels, [row_of[k] for k in keys], conversation))
+        if skipped:
+            log.warning("skipped %d conversations with unreadable images", len(skipped))
+        if not encoded:
+            raise DataError("no conversation has all its images readable; see the warnings above")
+        return cls(encoded, features, skipped)
+
+
+def encode_conversation(model: VisionLLM, turns: Sequence[tuple[str, str]]) -> tuple[list[int], list[int]]:
+    """Token ids of the chat-templated conversation and labels that keep only the assistant's replies
+    (with the template's end-of-turn token, so the model learns to stop)."""
+    tokenizer = model.tokenizer
+    turns = [(role, text.replace(IMAGE_PLACEHOLDER, model.image_token)) for role, text in turns]
+    ids: list[int] = []
+    labels: list[int] = []
+    rendered = ""
+    messages: list[dict] = []
+    for role, text in turns:
+        if role == "assistant":
+            prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            messages.append({"role": role, "content": text})
+            full = tokenizer.apply_chat_template(messages, tokenize=False)
+            if not (prompt.startswith(rendered) and full.startswith(prompt)):
+                raise ConfigError(
+                    "the tokenizer's chat template does not render a conversation as a prefix of its "
+                    "continuation, so answer tokens cannot be told apart; use a standard chat template"
+                )
+            before = tokenizer(prompt[len(rendered) :], add_special_tokens=False).input_ids
+            answer = tokenizer(full[len(prompt) :], add_special_tokens=False).input_ids
+            ids += before + answer
+            labels += [IGNORE] * len(before) + answer
+            rendered = full
+        else:
+            messages.append({"role": role, "content": text})
+    return ids, labels
+
+
+class TrainableParts(nn.Module):
+    """What a stage updates, by name, so checkpoints hold those tensors and nothing frozen."""
+
+    def __init__(self, model: VisionLLM):
+        super().__init__()
+        self.projector = model.projector
+        self.llm = nn.ParameterDict(
+            {name.replace(".", "__"): p for name, p in model.llm.named_parameters() if p.requires_grad}
+        )
+
+
+def set_stage(model: VisionLLM, stage: int) -> None:
+    """Freeze and unfreeze for a stage: 0 projector + whole LLM, 1 projector, 2 projector + LoRA."""
+    if stage not in (0, 1, 2):
+        raise ConfigError(f"train.stage {stage} is not 0 (tiny LLM from scratch), 1 (projector) or 2 (LoRA)")
+    if stage == 2 and not isinstance(model.llm, peft.PeftModel):
+        model.add_lora(model.config.lora)
+    if stage == 0 and isinstance(model.llm, peft.PeftModel):
+        raise ConfigError("stage 0 trains the whole LLM; start it from a model without LoRA adapters")
+    for name, parameter in model.llm.named_parameters():
+        parameter.requires_grad_(stage == 0 or (stage == 2 and "lora_" in name))
+    model.projector.requires_grad_(True)
+
+
+@dataclass
+class VLMTrainResult:
+    steps: int
+    losses: list[float]
+    metrics: dict[str, float]  # held-out answer accuracy per kind
+    skipped: list[tuple[str, str]]
+
+
+def fit_vlm(
+    model: VisionLLM,
+    data: ConversationData,
+    held_out: ConversationData | None,
+    config: VLMTrainConfig,
+    out_dir: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+) -> VLMTrainResult:
+    """Train for `config.steps` steps at `config.stage`; checkpoints under out_dir/checkpoints/."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    set_stage(model, config.stage)
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum
+    )
+    trainable = TrainableParts(model)
+    optimizer = torch.optim.AdamW(trainable.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    start = _load_checkpoint(out_dir, trainable, optimizer) if resume else 0
+    model.to(accelerator.device)
+    optimizer = accelerator.prepare(optimizer)
+    losses: list[float] = []
+    log_path = out_dir / "train_log.jsonl"
+    if log_path.exists():  # a killed run may have logged steps past its last checkpoint: drop them
+        kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= start]
+        log_path.write_text("".join(line + "\n" for line in kept))
+    log_file = log_path.open("a")
+    bar = tqdm(
+        range(start, config.steps),
+        desc=f"stage {config.stage}",
+        initial=start,
+        total=config.steps,
+        disable=not progress,
+    )
+    model.train()
+    try:
+        for step in bar:
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(config, step)
+            with accelerator.accumulate(trainable):
+                batch = training_batch(model, data, batch_indices(len(data.conversations), config, step))
+                with accelerator.autocast():
+                    loss = model(**batch).loss
+                accelerator.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad()
+            losses.append(loss.item())
+            log_file.write(
+                json.dumps({"step": step + 1, "loss": losses[-1], "lr": learning_rate(config, step)}) + "\n"
+            )
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            done = step + 1
+            if config.checkpoint_every and done % config.checkpoint_every == 0:
+                _save_checkpoint(out_dir, trainable, optimizer, done)
+    finally:  # an interrupted run still closes its log with a line per step it ran
+        log_file.close()
+        bar.close()
+    model.eval()
+    metrics = evaluate_answers(model, held_out) if held_out is not None else {}
+    return VLMTrainResult(config.steps, losses, metrics, data.skipped)
+
+
+def batch_indices(count: int, config: VLMTrainConfig, step: int) -> torch.Tensor:
+    """Conversations of batch `step`: a fresh seeded permutation each epoch, a function of the step alone."""
+    batch_size = min(config.batch_size, count)
+    epoch, position = divmod(step, count // batch_size)
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(config.seed * 1_000_003 + epoch))
+    return order[position * batch_size : (position + 1) * batch_size]
+
+
+def training_batch(model: VisionLLM, data: ConversationData, indices) -> dict[str, torch.Tensor]:
+    """Right-padded ids, mask and labels with each placeholder expanded, and the images' visual tokens."""
+    chosen = [data.conversations[int(i)] for i in indices]
+    rows = [row for item in chosen for row in item.image_rows]
+    visual = model.visual_tokens(data.features[rows]) if rows else None
+    per_image = visual.shape[1] if visual is not None else 0
+    ids, labels = [], []
+    for item in chosen:
+        ids.append(model.expand_placeholders(item.ids, per_image))
+        labels.append(
+            [
+                label
+                for token, label in zip(item.ids, item.labels, strict=True)
+                for label in ([IGNORE] * per_image if token == model.image_token_id else [label])
+            ]
+        )
+    input_ids, attention_mask = pad(ids, model.tokenizer.pad_token_id or 0, side="right")
+    label_ids, _ = pad(labels, IGNORE, side="right")
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "visual_tokens": visual,
+        "labels": label_ids,
+    }
+
+
+@torch.no_grad()
+def evaluate_answers(
+    model: VisionLLM, data: ConversationData, batch_size: int = 64, max_new_tokens: int = 40
+) -> dict[str, float]:
+    """Greedy replies to each held-out conversation's last question, compared with its answer, per kind
+    (exact match after lower-casing and trimming end punctuation)."""
+    was_training = model.training
+    model.eval()
+    replies, answers, kinds = [], [], []
+    for start in range(0, len(data.conversations), batch_size):
+        chosen = data.conversations[start : start + batch_size]
+        prompts, counts = [], []
+        for item in chosen:
+            turns = item.conversation.turns
+            last = max(i for i, (role, _) in enumerate(turns) if role == "assistant")
+            messages = [
+                {"role": role, "content": text.replace(IMAGE_PLACEHOLDER, model.image_token)}
+                for role, text in turns[:last]
+            ]
+            prompts.append(
+                model.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            )
+            counts.append(sum(m["content"].count(model.image_token) for m in messages))
+            answers.append(turns[last][1])
+            kinds.append(item.conversation.kind or "answer")
+        rows = [row for item, count in zip(chosen, counts, strict=True) for row in item.image_rows[:count]]
+        visual = model.visual_tokens(data.features[rows]) if rows else None
+        replies += model.generate_from(model.tokenize(prompts, counts, visual), max_new_tokens)
+    model.train(was_training)
+    return answer_accuracy(replies, answers, kinds)
+
+
+def train_vlm(
+    config: VLMRunConfig,
+    data: str,
+    out_dir: str | Path,
+    resume: bool = False,
+    image_root: str | None = None,
+    base: str | Path | None = None,
+    progress: bool = True,
+) -> tuple[VisionLLM, VLMTrainResult]:
+    """The whole `dinobridge train-vlm`: build (or load `base`, a saved VisionLLM from an earlier
+    stage), cache, fit, evaluate on held-out conversations, and save the VisionLLM to out_dir."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    saved_config = out_dir / RUN_CONFIG
+    settings = {"run": to_dict(config), "data": data, "base": str(base) if base else None}
+    if resume and saved_config.exists():
+        if json.loads(saved_config.read_text()) != json.loads(json.dumps(settings)):
+            raise ConfigError(
+                f"--resume with a config, data or base that differs from '{saved_config}'; use the same"
+            )
+    elif not resume:
+        shutil.rmtree(out_dir / CHECKPOINTS, ignore_errors=True)
+        (out_dir / "train_log.jsonl").unlink(missing_ok=True)
+    saved_config.write_text(json.dumps(settings, indent=2))
+    torch.manual_seed(config.train.seed)
+    model = VisionLLM.from_pretrained(base) if base else VisionLLM.from_config(config.vlm)
+    if base and config.vlm.lora is not None and model.config.lora is None:
+        model.config.lora = config.vlm.lora
+    train_set, held_out_set = split_conversations(data, config.train, image_root)
+    cache_dir = config.train.cache_dir or out_dir / "cache"
+    workers = config.train.num_workers
+    train_data = ConversationData.prepare(model, train_set, cache_dir, workers, progress)
+    held_out = (
+        ConversationData.prepare(model, held_out_set, cache_dir, workers, progress) if held_out_set else None
+    )
+    result = fit_vlm(model, train_data, held_out, config.train, out_dir, resume=resume, progress=progress)
+    model.save_pretrained(out_dir)
+    (out_dir / "metrics.json").write_text(json.dumps(result.metrics, indent=2))
+    return model, result
+
+
+def split_conversations(
+    data: str, config: VLMTrainConfig, image_root: str | None = None
+) -> tuple[list[Conversation], list[Conversation]]:
+    """(train, held-out). For synthetic:N the held-out scenes are new ones, never seen in training."""
+    conversations = load_conversations(data, image_root)
+    if data.startswith("synthetic:"):
+        _, seed = parse_synthetic_spec(data)
+        count = int(config.held_out if config.held_out >= 1 else config.held_out * len(conversations))
+        return conversations, synthetic_conversations(count, seed=seed, start=10**7) if count else []
+    if config.held_out == 0:
+        return conversations, []
+    return held_out_split(conversations, config.held_out, config.seed)
+
+
+def frozen_state(model: VisionLLM) -> dict[str, np.ndarray]:
+    """Copies of every tensor that training must leave alone: the encoder and the LLM's base weights."""
+    state = {f"encoder.{k}": v.detach().cpu().numpy().copy() for k, v in model.encoder.state_dict().items()}
+    state |= {
+        f"llm.{k}": v.detach().cpu().numpy().copy()
+        for k, v in model.llm.state_dict().items()
+        if "lora_" not in k
+    }
+    return state
