@@ -2,6 +2,10 @@
 
     python benchmarks/index_throughput.py                      # 2,000 JPEGs of 640x480, workers 0 and 1
     python benchmarks/index_throughput.py --n 500 --workers 0 1 3
+    python benchmarks/index_throughput.py --encoder vit-b14 --n 20000 --workers 15   # on a GPU
+
+On a GPU the encoder runs as `dinobridge index` runs it (runtime.encode_settings: bfloat16, batches of
+256, JPEGs decoded on the GPU); `--encoder vit-b14` is DINOv2 ViT-B/14's shape at 224 px, random.
 
 Uses the offline default bridge (`TextBridge.from_config(BridgeConfig())`: a 6-layer DINOv2 at 112 px and
 MiniLM). For each worker count it builds a fresh index and reports images/s, the share of the wall time the
@@ -27,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bridge.config import BridgeConfig  # noqa: E402
 from bridge.index import ImageIndex, _prepare  # noqa: E402
 from bridge.model import TextBridge  # noqa: E402
+from bridge.runtime import encode_settings  # noqa: E402
 
 
 def make_jpegs(folder: Path, count: int, size: tuple[int, int]) -> None:
@@ -50,7 +55,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=2000, help="number of JPEGs")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1], help="decode worker counts to run")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, help="default: the project's choice for the device")
+    parser.add_argument("--encoder", choices=["offline", "vit-b14"], default="offline")
+    parser.add_argument("--device", help="default: the GPU if there is one")
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads for the model (default: torch's)"
     )
@@ -69,11 +76,17 @@ def main() -> None:
         print(
             f"{args.n:,} JPEGs of 640x480, {megabytes:.0f} MB, made in {time.perf_counter() - started:.0f} s"
         )
-        bridge = TextBridge.from_config(BridgeConfig())
+        config = BridgeConfig()
+        if args.encoder == "vit-b14":
+            config.encoder.architecture = {"model_type": "dinov2", "patch_size": 14, "image_size": 224}
+        settings = encode_settings(args.device, batch_size=args.batch_size)
+        bridge = TextBridge.from_config(config).to(settings.device)
+        bridge.encoder.run_with(settings)
         preprocessing = bridge.encoder.preprocessing
         print(
-            f"offline default bridge: {preprocessing.image_size} px input, batch size {args.batch_size}, "
-            f"{torch.get_num_threads()} torch threads for the model"
+            f"{args.encoder} encoder: {preprocessing.image_size} px input, batch size {settings.batch_size}, "
+            f"{settings.dtype} on {settings.device}, JPEGs decoded on the GPU: {settings.gpu_decode}, "
+            f"{torch.get_num_threads()} torch threads"
         )
 
         sample, threads = files[:100], torch.get_num_threads()
@@ -93,7 +106,13 @@ def main() -> None:
         for workers in args.workers:
             out = Path(scratch) / f"index-{workers}"
             index = ImageIndex.build(
-                folder, bridge, out, workers=workers, batch_size=args.batch_size, progress=False
+                folder,
+                bridge,
+                out,
+                workers=workers,
+                batch_size=settings.batch_size,
+                gpu_decode=settings.gpu_decode,
+                progress=False,
             )
             summary = index.summary
             assert summary.indexed == args.n, summary

@@ -113,6 +113,19 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("--model", required=True, help="a saved bridge directory")
     index.add_argument("--out", required=True, help="the index directory")
     index.add_argument("--workers", type=int, help="decoding processes (default: one per core, less one)")
+    index.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the GPU if there is one)")
+    index.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        default="auto",
+        help="encoder precision (default: bf16 on a GPU, fp32 on a CPU)",
+    )
+    index.add_argument(
+        "--batch-size", type=int, help="images a forward pass (default: 256 on a GPU, 32 on a CPU)"
+    )
+    index.add_argument(
+        "--compile", action="store_true", help="torch.compile the encoder (large folders, GPU)"
+    )
     index.set_defaults(handler=_index)
 
     search = commands.add_parser("search", help="search an index by text, by example image, or both")
@@ -214,8 +227,11 @@ def _eval_segmentation(args) -> int:
 
 def _index(args) -> int:
     from bridge.index import run_index_command
+    from bridge.runtime import encode_settings, processes
 
-    summary = run_index_command(args.folder, args.model, args.out, args.workers)
+    device = args.device or str(processes().device)  # under `accelerate launch`, this process's GPU
+    settings = encode_settings(device, args.precision, args.compile, args.batch_size)
+    summary = run_index_command(args.folder, args.model, args.out, args.workers, settings)
     if summary is not None:  # None: a helper process of `accelerate launch`; the main one reports
         print(summary)
     return 0

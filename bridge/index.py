@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from bridge.decoding import ordered_map
+from bridge.decoding import decode_jpegs, gpu_decodable, ordered_map, pixel_batch
 from bridge.images import ImageLoadError, is_supported_image, load_image, try_load_image
 from bridge.index_files import (
     FORMAT,
@@ -38,7 +38,7 @@ from bridge.index_files import (
     write_shard,
 )
 from bridge.model import TextBridge
-from bridge.runtime import processes
+from bridge.runtime import EncodeSettings, encode_settings, processes
 from bridge.search import EXACT_UP_TO, FLAT_UP_TO, build_faiss_index, exact_search, faiss_search, import_faiss
 
 log = logging.getLogger(__name__)
@@ -138,6 +138,7 @@ class ImageIndex:
         batch_size: int = 64,
         commit_every: int = 512,
         progress: bool = True,
+        gpu_decode: bool | None = None,
     ) -> IndexSummary:
         """Bring the index in line with its folder: embed new and changed files, drop deleted ones.
 
@@ -145,6 +146,7 @@ class ImageIndex:
         embedded here, `batch_size` at a time; every `commit_every` images are committed, so a killed run
         keeps them. A file whose size or mtime changed is hashed, and re-embedded only if its content
         changed. Failed files are reported in the summary and failures.log, and retried on the next run.
+        `gpu_decode` (None: when the encoder is on a GPU) decodes JPEGs on the encoder's device (decoding.py).
         Worker processes start like `multiprocessing`'s "forkserver": a script calling this needs an
         `if __name__ == "__main__":` guard.
 
@@ -171,18 +173,35 @@ class ImageIndex:
             summary.removed = len(gone)
 
         records, text, image, drops, batch = [], [], [], [], []
+        preprocessing, device = bridge.encoder.preprocessing, bridge.encoder.device
+        gpu_decode = device.type == "cuda" if gpu_decode is None else gpu_decode
 
         def embed_batch() -> None:
             clock = time.perf_counter()
-            vectors = _embed(bridge, [pixels for _, pixels in batch])
+            jpegs = [i for i, (_, item) in enumerate(batch) if isinstance(item, bytes)]
+            decoded = decode_jpegs([batch[i][1] for i in jpegs], preprocessing, device) if jpegs else []
+            for i, pixels in zip(jpegs, decoded, strict=True):
+                record, data = batch[i]
+                if pixels is None:  # the GPU decoder rejected it: the CPU loader decodes it or says why not
+                    loaded, error = try_load_image(data)
+                    pixels = None if error else preprocessing([loaded])[0]
+                    if error:
+                        summary.failed.append((str(self.root / record.path), error.reason))
+                        summary.indexed -= 1
+                        if record.path in self._live:
+                            drops.append(self._live[record.path])
+                batch[i] = (record, pixels)
+            batch[:] = [(record, pixels) for record, pixels in batch if pixels is not None]
+            if batch:
+                vectors = _embed(bridge, [pixels for _, pixels in batch])
+                records.extend(record for record, _ in batch)
+                text.extend(vectors[0])
+                image.extend(vectors[1])
             summary.model_seconds += time.perf_counter() - clock
-            records.extend(record for record, _ in batch)
-            text.extend(vectors[0])
-            image.extend(vectors[1])
             batch.clear()
 
         timing = {"wait": 0.0}
-        jobs = [(path, known, bridge.encoder.preprocessing) for path, _, _, _, known in tasks]
+        jobs = [(path, known, preprocessing, gpu_decode) for path, _, _, _, known in tasks]
         results = ordered_map(_prepare, jobs, workers, 2 * batch_size, timing)
         for (path, relative, size, mtime_ns, _), (_, result) in tqdm(
             zip(tasks, results, strict=True),
@@ -463,10 +482,11 @@ class ImageIndex:
 
 
 def _prepare(
-    path: str, known_sha256: str | None, preprocessing
-) -> tuple[str, np.ndarray | None] | ImageLoadError:
+    path: str, known_sha256: str | None, preprocessing, gpu_decode: bool = False
+) -> tuple[str, np.ndarray | bytes | None] | ImageLoadError:
     """One file -> (sha256, preprocessed pixels (3, S, S) float32, or None if the content is the known
-    one), or its ImageLoadError. Runs in a worker, so it returns errors rather than raising them."""
+    one, or with `gpu_decode` the file's bytes if it is a JPEG the GPU decodes exactly), or its
+    ImageLoadError. Runs in a worker, so it returns errors rather than raising them."""
     try:
         with open(path, "rb") as file:
             data = file.read()
@@ -475,6 +495,8 @@ def _prepare(
     sha256 = hashlib.sha256(data).hexdigest()
     if sha256 == known_sha256:
         return sha256, None
+    if gpu_decode and gpu_decodable(data):
+        return sha256, data
     image, error = try_load_image(data)
     if error is not None:
         return ImageLoadError(path, error.reason)  # the loader saw bytes; name the file
@@ -482,10 +504,10 @@ def _prepare(
 
 
 @torch.no_grad()
-def _embed(bridge: TextBridge, pixels: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Preprocessed images -> (text-space, DINOv2 CLS) embeddings, normalised float16, from one encoder
-    pass."""
-    features = bridge.encoder(torch.from_numpy(np.stack(pixels)))
+def _embed(bridge: TextBridge, pixels: list) -> tuple[np.ndarray, np.ndarray]:
+    """Preprocessed images (CPU arrays or tensors) -> (text-space, DINOv2 CLS) embeddings, normalised
+    float16, from one encoder pass."""
+    features = bridge.encoder(pixel_batch(pixels, bridge.encoder.device))
     text = bridge.encode_image(features)
     image = F.normalize(features.cls.float(), dim=-1)
     return text.cpu().numpy().astype(np.float16), image.cpu().numpy().astype(np.float16)
@@ -516,13 +538,23 @@ def _as_list(value) -> list:
 
 
 def run_index_command(
-    folder: str | os.PathLike, model_dir: str | os.PathLike, out_dir: str | os.PathLike, workers: int | None
+    folder: str | os.PathLike,
+    model_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    workers: int | None,
+    settings: EncodeSettings | None = None,
 ) -> IndexSummary | None:
-    """`dinobridge index`: index `folder` (or update its index) with the bridge saved in `model_dir`.
-    Under `accelerate launch`, the main process returns the run's summary and the others None."""
+    """`dinobridge index`: index `folder` (or update its index) with the bridge saved in `model_dir`,
+    the encoder run as `settings` say (default: runtime.encode_settings(), the fastest here). Under
+    `accelerate launch`, the main process returns the run's summary and the others None."""
     state = processes()
-    bridge = TextBridge.from_pretrained(model_dir).to(state.device)
-    summary = ImageIndex.build(folder, bridge, out_dir, workers=workers, model_dir=model_dir).summary
+    settings = settings or encode_settings(str(state.device))
+    bridge = TextBridge.from_pretrained(model_dir).to(settings.device)
+    bridge.encoder.run_with(settings)
+    options = {"batch_size": settings.batch_size, "gpu_decode": settings.gpu_decode}
+    summary = ImageIndex.build(
+        folder, bridge, out_dir, workers=workers, model_dir=model_dir, **options
+    ).summary
     return summary if state.is_main_process else None
 
 

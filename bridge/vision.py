@@ -24,6 +24,7 @@ from torch import nn
 
 from bridge.config import ConfigError, EncoderConfig
 from bridge.fingerprint import fingerprint
+from bridge.runtime import EncodeSettings
 
 log = logging.getLogger(__name__)
 
@@ -99,26 +100,47 @@ class Preprocessing:
             "do_normalize": True,
         }
 
+    def crop_box(self, width: int, height: int) -> tuple[float, float, float, float]:
+        """(left, top, right, bottom) of the region of a width x height image that becomes the input.
+
+        Resize the shortest edge, then centre-crop, is done as crop-then-resize in the original's pixels,
+        so a 10000x3 panorama never becomes an 853,000x256 intermediate.
+        """
+        if self.resize_shortest_edge is None:
+            return (0.0, 0.0, float(width), float(height))
+        crop = self.image_size * min(width, height) / self.resize_shortest_edge
+        crop_width, crop_height = min(width, crop), min(height, crop)
+        left, top = (width - crop_width) / 2, (height - crop_height) / 2
+        return (left, top, left + crop_width, top + crop_height)
+
     def __call__(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """RGB PIL images -> normalised pixel values (B, 3, S, S)."""
         side = self.image_size
         arrays = []
         for image in images:
-            if self.resize_shortest_edge is None:
-                image = image.resize((side, side), Image.BICUBIC)
-            else:
-                # Resize the shortest edge, then centre-crop: done as crop-then-resize in the original's
-                # pixels, so a 10000x3 panorama never becomes an 853,000x256 intermediate.
-                crop = side * min(image.size) / self.resize_shortest_edge
-                width, height = (min(d, crop) for d in image.size)
-                left, top = (image.size[0] - width) / 2, (image.size[1] - height) / 2
-                image = image.resize((side, side), Image.BICUBIC, box=(left, top, left + width, top + height))
-            arrays.append(np.asarray(image, dtype=np.float32))
+            box = self.crop_box(*image.size)
+            arrays.append(np.asarray(image.resize((side, side), Image.BICUBIC, box=box), dtype=np.float32))
         # numpy, not torch, for this elementwise work: torch's thread pool costs more than it saves here.
         mean = np.asarray(self.mean, dtype=np.float32) * 255
         std = np.asarray(self.std, dtype=np.float32) * 255
         pixels = (np.stack(arrays) - mean) / std
         return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous()
+
+    def from_tensor(self, image: torch.Tensor) -> torch.Tensor:
+        """One decoded image (3, H, W) uint8, on any device (a GPU's, after nvJPEG) -> (3, S, S) float32.
+
+        The same crop and bicubic resize as `__call__`, in torch (antialiased, as PIL's is), with the box
+        rounded to whole pixels: values agree with the PIL path to a few levels in 255.
+        """
+        left, top, right, bottom = (round(v) for v in self.crop_box(image.shape[2], image.shape[1]))
+        region = image[None, :, top:bottom, left:right].float()
+        side = self.image_size
+        resized = torch.nn.functional.interpolate(
+            region, size=(side, side), mode="bicubic", antialias=True, align_corners=False
+        ).clamp_(0, 255)[0]
+        mean = torch.tensor(self.mean, device=image.device).view(3, 1, 1) * 255
+        std = torch.tensor(self.std, device=image.device).view(3, 1, 1) * 255
+        return (resized - mean) / std
 
 
 class FrozenEncoder(nn.Module):
@@ -167,6 +189,22 @@ class FrozenEncoder(nn.Module):
         return next(self.model.parameters()).device
 
     @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def run_with(self, settings: EncodeSettings) -> FrozenEncoder:
+        """Move to `settings.device` in `settings.dtype`, compiled if asked (runtime.encode_settings).
+
+        The fingerprint stays that of the weights as loaded: an index built in bfloat16 on a GPU answers
+        queries from the same bridge in float32 on a CPU. (The feature cache keys on the dtype as well.)
+        """
+        self.fingerprint()
+        self.model.to(settings.device, settings.dtype)
+        if settings.compile:
+            self.model.compile()  # in place: parameter names, and so saving and fingerprints, unchanged
+        return self
+
+    @property
     def grid_hw(self) -> tuple[int, int]:
         side = self.preprocessing.image_size // self.patch_size
         return (side, side)
@@ -179,7 +217,8 @@ class FrozenEncoder(nn.Module):
             raise ValueError(
                 f"pixel size {height}x{width} is not a multiple of the patch size {self.patch_size}"
             )
-        pixel_values = pixel_values.to(self.device, next(self.model.parameters()).dtype)
+        # non_blocking: a pinned batch copies to the GPU while the previous one is still encoding.
+        pixel_values = pixel_values.to(self.device, self.dtype, non_blocking=True)
         if self.layer is None:
             tokens = self.model(pixel_values=pixel_values).last_hidden_state
         else:
@@ -220,7 +259,7 @@ class FrozenEncoder(nn.Module):
             config = self.model.config.to_diff_dict()
             for key in ("architectures", "dtype", "torch_dtype", "transformers_version", "_name_or_path"):
                 config.pop(key, None)
-            dtype = str(next(self.model.parameters()).dtype)
+            dtype = str(self.dtype)
             settings = json.dumps([config, self.layer, asdict(self.preprocessing), dtype], sort_keys=True)
             self._fingerprint = fingerprint(self.model, settings)
         return self._fingerprint

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from bridge.config import ConfigError, RunConfig, TrainConfig, to_dict
 from bridge.model import TextBridge, read_safetensors
-from bridge.runtime import cpu_only, processes
+from bridge.runtime import cpu_only, encode_settings, processes
 from training.cache import CachedFeatures, FeatureCache, TextCache
 from training.data import held_out_split, load_pairs, parse_synthetic_spec, synthetic_pairs
 from training.evaluate import retrieval_recall
@@ -320,6 +320,9 @@ def train_text_bridge(
             saved_config.write_text(json.dumps(to_dict(config), indent=2))
         torch.manual_seed(config.train.seed)
         bridge = TextBridge.from_config(config.bridge)
+        # The cache fill runs the encoder on this process's device (a GPU when there is one), in float32
+        # so that the features, and the encoder a bridge saves, stay exact.
+        bridge.encoder.run_with(encode_settings(str(state.device), precision="fp32"))
         cache_dir = config.train.cache_dir or out_dir / "cache"
         alignment = AlignmentData.prepare(
             bridge, data, config.train, cache_dir, image_root, progress and state.is_main_process

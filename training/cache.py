@@ -102,7 +102,10 @@ class FeatureCache:
 
     def __init__(self, root: str | Path, encoder: FrozenEncoder):
         self.encoder = encoder
-        self.directory = Path(root) / "features" / encoder.fingerprint()
+        key = encoder.fingerprint()
+        if encoder.dtype != torch.float32:  # features computed in bfloat16 differ by ~1e-2: kept apart
+            key += "-" + str(encoder.dtype).removeprefix("torch.")
+        self.directory = Path(root) / "features" / key
         self.store = _Chunks(self.directory, ("cls", "registers", "patches"))
         self.failures_file = self.directory / "failures.json"
 

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Every GPU figure the benchmarks record, in one command (a few minutes on one H100):
+#
+#   bash benchmarks/gpu.sh [OUT]          # results in OUT (default: $OUT, else benchmarks/gpu-results)
+#
+# Needs the project importable with its offline text tower: `pip install -e ".[offline]"` (or the wheels
+# carried to a machine without internet). Record each figure with the card's name in benchmarks/RESULTS.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-${OUT:-benchmarks/gpu-results}}"
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/card.txt"
+# DINOv2 ViT-B/14 at 224 px, batch 256: transformers fp32 (SDPA, eager) vs dinobridge bf16 (+ compile).
+python benchmarks/encode_throughput.py --encoder vit-b14 --batch-size 256 --compile | tee "$out/encode.txt"
+# Folder of 640x480 JPEGs to index: nvJPEG decoding, bf16 encoder, 15 CPU workers for the rest.
+python benchmarks/index_throughput.py --encoder vit-b14 --n 20000 --workers 15 | tee "$out/index.txt"
