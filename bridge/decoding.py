@@ -109,6 +109,8 @@ def decode_jpegs(
     one batched call); None for each image the decoder rejects, for the caller to give the CPU loader."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
+    if not datas:
+        return []
     tensors = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in datas]
     with warnings.catch_warnings():  # torchvision 0.29 points decoding at TorchCodec; nvJPEG is still here
         warnings.simplefilter("ignore")

@@ -178,23 +178,16 @@ class ImageIndex:
 
         def embed_batch() -> None:
             clock = time.perf_counter()
-            jpegs = [i for i, (_, item) in enumerate(batch) if isinstance(item, bytes)]
-            decoded = decode_jpegs([batch[i][1] for i in jpegs], preprocessing, device) if jpegs else []
-            for i, pixels in zip(jpegs, decoded, strict=True):
-                record, data = batch[i]
-                if pixels is None:  # the GPU decoder rejected it: the CPU loader decodes it or says why not
-                    loaded, error = try_load_image(data)
-                    pixels = None if error else preprocessing([loaded])[0]
-                    if error:
-                        summary.failed.append((str(self.root / record.path), error.reason))
-                        summary.indexed -= 1
-                        if record.path in self._live:
-                            drops.append(self._live[record.path])
-                batch[i] = (record, pixels)
-            batch[:] = [(record, pixels) for record, pixels in batch if pixels is not None]
-            if batch:
-                vectors = _embed(bridge, [pixels for _, pixels in batch])
-                records.extend(record for record, _ in batch)
+            decoded = _decode_left_for_the_device(batch, preprocessing, device)
+            for record, error in [(r, p) for r, p in decoded if isinstance(p, ImageLoadError)]:
+                summary.failed.append((str(self.root / record.path), error.reason))
+                summary.indexed -= 1
+                if record.path in self._live:  # changed and now unreadable: its old embedding is stale
+                    drops.append(self._live[record.path])
+            good = [(record, pixels) for record, pixels in decoded if not isinstance(pixels, ImageLoadError)]
+            if good:
+                vectors = _embed(bridge, [pixels for _, pixels in good])
+                records.extend(record for record, _ in good)
                 text.extend(vectors[0])
                 image.extend(vectors[1])
             summary.model_seconds += time.perf_counter() - clock
@@ -501,6 +494,23 @@ def _prepare(
     if error is not None:
         return ImageLoadError(path, error.reason)  # the loader saw bytes; name the file
     return sha256, preprocessing([image])[0].numpy()
+
+
+def _decode_left_for_the_device(batch: list[tuple], preprocessing, device: torch.device) -> list[tuple]:
+    """(record, pixels or JPEG bytes) -> (record, pixels or ImageLoadError): the JPEGs workers left as
+    bytes decoded on `device` in one call; one the GPU decoder rejects goes to the CPU loader, which
+    decodes it or says why not, as it would have in a worker."""
+    jpegs = [i for i, (_, item) in enumerate(batch) if isinstance(item, bytes)]
+    decoded = list(batch)
+    for i, pixels in zip(
+        jpegs, decode_jpegs([batch[i][1] for i in jpegs], preprocessing, device), strict=True
+    ):
+        record, data = batch[i]
+        if pixels is None:
+            loaded, error = try_load_image(data)
+            pixels = preprocessing([loaded])[0] if error is None else error
+        decoded[i] = (record, pixels)
+    return decoded
 
 
 @torch.no_grad()
