@@ -58,6 +58,17 @@ class VisionFeatures:
             self.layer,
         )
 
+    @staticmethod
+    def cat(parts: Sequence[VisionFeatures]) -> VisionFeatures:
+        """The batches `parts` (same grid and layer) as one."""
+        return VisionFeatures(
+            torch.cat([p.cls for p in parts]),
+            torch.cat([p.registers for p in parts]),
+            torch.cat([p.patches for p in parts]),
+            parts[0].grid_hw,
+            parts[0].layer,
+        )
+
     def __getitem__(self, index) -> VisionFeatures:
         return VisionFeatures(
             self.cls[index], self.registers[index], self.patches[index], self.grid_hw, self.layer
@@ -169,6 +180,7 @@ class FrozenEncoder(nn.Module):
         self.requires_grad_(False)
         self.eval()
         self._fingerprint: str | None = None
+        self._fits: int | None = None  # the largest batch known to fit in the device's memory
 
     @classmethod
     def from_config(cls, config: EncoderConfig) -> FrozenEncoder:
@@ -211,7 +223,30 @@ class FrozenEncoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor) -> VisionFeatures:
-        """pixel_values (B, 3, H, W), H and W multiples of the patch size -> VisionFeatures."""
+        """pixel_values (B, 3, H, W), H and W multiples of the patch size -> VisionFeatures.
+
+        A batch too large for the device's memory is encoded in halves (and every later batch in pieces
+        of the size that fitted), so a large default batch size is safe on any card.
+        """
+        if self._fits is not None and len(pixel_values) > self._fits:
+            return VisionFeatures.cat([self(chunk) for chunk in pixel_values.split(self._fits)])
+        try:
+            return self._encode_batch(pixel_values)
+        except torch.OutOfMemoryError:
+            if len(pixel_values) == 1:
+                raise
+            self._fits = len(pixel_values) // 2
+            log.warning(
+                "a batch of %d images does not fit in %s's memory; encoding %d at a time",
+                len(pixel_values),
+                self.device,
+                self._fits,
+            )
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            return self(pixel_values)
+
+    def _encode_batch(self, pixel_values: torch.Tensor) -> VisionFeatures:
         height, width = pixel_values.shape[-2:]
         if height % self.patch_size or width % self.patch_size:
             raise ValueError(
@@ -235,16 +270,11 @@ class FrozenEncoder(nn.Module):
 
     def encode(self, images: Sequence[Image.Image], batch_size: int = 64) -> VisionFeatures:
         """RGB PIL images -> VisionFeatures on the CPU, in batches."""
-        parts = [
-            self(self.preprocessing(images[i : i + batch_size])).to("cpu")
-            for i in range(0, len(images), batch_size)
-        ]
-        return VisionFeatures(
-            torch.cat([p.cls for p in parts]),
-            torch.cat([p.registers for p in parts]),
-            torch.cat([p.patches for p in parts]),
-            parts[0].grid_hw,
-            self.layer,
+        return VisionFeatures.cat(
+            [
+                self(self.preprocessing(images[i : i + batch_size])).to("cpu")
+                for i in range(0, len(images), batch_size)
+            ]
         )
 
     def fingerprint(self) -> str:

@@ -115,3 +115,31 @@ def test_indexing_with_jpegs_decoded_on_the_encoders_device(tmp_path: Path, tiny
         query = found[name][0].astype(np.float32)
         assert np.abs(query - expected[name][0]).max() < 0.01, name
         assert names[int(np.argmax(gallery @ query))] == name
+
+
+def test_a_batch_too_large_for_the_device_is_encoded_in_pieces(
+    tiny_bridge, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    encoder = tiny_bridge.encoder
+    pixels = encoder.preprocessing([noise((56, 56), seed) for seed in range(8)])
+    expected = encoder(pixels)
+    real_forward, sizes = encoder.model.forward, []
+
+    def small_card(*args, pixel_values, **kwargs):  # a device that holds 3 images at most
+        sizes.append(len(pixel_values))
+        if len(pixel_values) > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_forward(*args, pixel_values=pixel_values, **kwargs)
+
+    monkeypatch.setattr(encoder.model, "forward", small_card)
+    monkeypatch.setattr(encoder, "_fits", None)
+    with caplog.at_level("WARNING", logger="bridge.vision"):
+        found = encoder(pixels)
+        again = encoder(pixels)
+    torch.testing.assert_close(found.patches, expected.patches)
+    torch.testing.assert_close(again.cls, expected.cls)
+    assert sizes == [8, 4, 2, 2, 2, 2] + [2, 2, 2, 2]  # halved until it fitted, then that size from the start
+    assert caplog.messages == [
+        "a batch of 8 images does not fit in cpu's memory; encoding 4 at a time",
+        "a batch of 4 images does not fit in cpu's memory; encoding 2 at a time",
+    ]
