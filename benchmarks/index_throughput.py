@@ -28,6 +28,7 @@ import torch
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.encode_throughput import flops_per_image, matmul_tflops  # noqa: E402
 from bridge.config import BridgeConfig  # noqa: E402
 from bridge.index import ImageIndex, _prepare  # noqa: E402
 from bridge.model import TextBridge  # noqa: E402
@@ -102,7 +103,7 @@ def main() -> None:
             f"{'workers':>8}{'wall s':>9}{'img/s':>9}{'model %':>9}{'waiting %':>11}{'workers busy %':>16}"
         )
         print(header)
-        baseline = None
+        baseline, rates = None, []
         for workers in args.workers:
             out = Path(scratch) / f"index-{workers}"
             index = ImageIndex.build(
@@ -117,6 +118,7 @@ def main() -> None:
             summary = index.summary
             assert summary.indexed == args.n, summary
             rate = args.n / summary.seconds
+            rates.append(rate)
             baseline = baseline or rate
             busy = f"{100 * args.n * decode_ms / 1e3 / (workers * summary.seconds):.0f}" if workers else "-"
             model, waiting = (
@@ -126,6 +128,11 @@ def main() -> None:
         print(
             f"\nratio: workers={args.workers[-1]} / workers={args.workers[0]}: {rate / baseline:.2f}x the images per second"
         )
+        if settings.on_gpu:  # how near the encoder's arithmetic limit the whole folder-to-index run gets
+            limit = matmul_tflops(settings.device) * 1e12 / flops_per_image(bridge.encoder.model.config)
+            print(
+                f"best: {max(rates):,.0f} img/s = {max(rates) / limit:.0%} of the limit ({limit:,.0f} img/s)"
+            )
         started = time.perf_counter()
         rerun = ImageIndex.build(folder, bridge, out, workers=args.workers[-1], progress=False).summary
         print(
