@@ -10,8 +10,8 @@ once torch had run), and without re-importing everything as "spawn" does. Each w
 thread, so N workers use N cores. A script that calls this needs an `if __name__ == "__main__":` guard.
 
 On a GPU, JPEGs are decoded there instead (`decode_jpegs`, nvJPEG through torchvision): workers only
-read and hash the bytes and check the header (`gpu_decodable`); every file the GPU cannot decode exactly as
-the CPU loader would (EXIF-rotated, CMYK, too large, not a JPEG, or rejected by nvJPEG) goes to the CPU
+read and hash the bytes and check the header (`gpu_decodable`); every file the GPU would not decode as the
+CPU loader does (EXIF-rotated, CMYK, too large, not a JPEG), and any nvJPEG rejects, goes to the CPU
 loader, so a bad file is reported the same way on either path.
 
 Not here: what a worker does with a file (images.py loads, vision.py preprocesses).

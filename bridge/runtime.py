@@ -12,6 +12,7 @@ from accelerate import PartialState
 
 
 def cpu_only() -> bool:
+    """No GPU here: what accelerate must be told (`Accelerator(cpu=...)`) for gloo multi-processing."""
     return not torch.cuda.is_available()
 
 
@@ -31,7 +32,7 @@ class EncodeSettings:
 
     device: torch.device
     dtype: torch.dtype
-    compile: bool  # torch.compile the encoder: ~20% more throughput on a GPU, after a minute of compiling
+    compile: bool  # torch.compile the encoder: +19% on an H100 (DESIGN.md), after a minute of compiling
     batch_size: int
     gpu_decode: bool  # decode JPEGs with nvJPEG on the GPU (decoding.py), other files on the CPU
 
