@@ -27,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bridge.config import ConfigError, VLMRunConfig, VLMTrainConfig, to_dict
+from bridge.vision import VisionFeatures
 from bridge.vlm import VisionLLM, pad
 from training.align import CHECKPOINTS, RUN_CONFIG, _load_checkpoint, _save_checkpoint, learning_rate
 from training.cache import CachedFeatures, FeatureCache
@@ -317,6 +318,9 @@ def train_vlm(
     held_out = (
         ConversationData.prepare(model, held_out_set, cache_dir, workers, progress) if held_out_set else None
     )
+    if base is None:  # a fresh projector; a resumed run overwrites it from its checkpoint anyway
+        sample = list(range(min(512, len(train_data.features))))
+        standardise_projector_input(model, train_data.features[sample])
     result = fit_vlm(model, train_data, held_out, config.train, out_dir, resume=resume, progress=progress)
     model.save_pretrained(out_dir)
     (out_dir / "metrics.json").write_text(json.dumps(result.metrics, indent=2))
@@ -346,3 +350,25 @@ def frozen_state(model: VisionLLM) -> dict[str, np.ndarray]:
         if "lora_" not in k
     }
     return state
+
+
+@torch.no_grad()
+def standardise_projector_input(model: VisionLLM, features: VisionFeatures) -> None:
+    """Fold the per-dimension mean and spread of the projector's input tokens (measured on `features`)
+    into its first linear layer, so a fresh projector starts on standardised tokens.
+
+    A frozen encoder's tokens share large constant components; what tells images apart is a small part
+    of their variance, and the LLM's per-token RMS norm hides it further. Folded into the weights, the
+    projector stays a plain Linear-GELU-Linear (exportable to LLaVA as it is).
+    """
+    first = model.projector.mlp[0]
+    seen: list[torch.Tensor] = []
+    hook = first.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+    try:
+        model.visual_tokens(features)
+    finally:
+        hook.remove()
+    tokens = seen[0].reshape(-1, first.in_features).float()
+    mean, spread = tokens.mean(0), tokens.std(0) + 1e-6
+    first.weight /= spread
+    first.bias -= first.weight @ mean
