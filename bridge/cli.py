@@ -93,9 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ground.add_argument("--out", help="write the heatmaps over the image to this PNG, one panel per text")
     ground.add_argument("--scale", type=int, help="short side in pixels to map at (default: one window)")
-    ground.add_argument(
-        "--shifts", type=int, default=2, help="sub-patch shifts per axis (default: 2; 1: off)"
-    )
+    _add_map_options(ground)
     ground.set_defaults(handler=_ground)
 
     segment = commands.add_parser("segment", help="label every pixel with one of the named classes")
@@ -147,8 +145,15 @@ def _add_grounding_options(parser: argparse.ArgumentParser) -> None:
         type=float,
         help="cosine below which a pixel is background (default: bridge.grounding.DEFAULT_THRESHOLD)",
     )
+    _add_map_options(parser)
+
+
+def _add_map_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--shifts", type=int, default=2, help="sub-patch shifts per axis (default: 2; 1: off)"
+    )
+    parser.add_argument(
+        "--refine", type=int, default=10, help="colour refinement steps (default: 10; 0: off)"
     )
 
 
@@ -175,7 +180,7 @@ def _ground(args) -> int:
     from bridge.images import load_image
 
     image = load_image(args.image)
-    maps = heatmaps(_grounding_bridge(args.model), image, args.texts, scale=args.scale, shifts=args.shifts)
+    maps = heatmaps(_grounding_bridge(args.model), image, args.texts, args.scale, args.shifts, args.refine)
     for text, heatmap in zip(args.texts, maps, strict=True):
         row, column = divmod(int(heatmap.argmax()), heatmap.shape[1])
         print(
@@ -197,7 +202,8 @@ def _segment(args) -> int:
 
     class_names = parse_class_list(args.classes)  # before loading a model: a bad list fails at once
     image = load_image(args.image)
-    result = segment(_grounding_bridge(args.model), image, class_names, _threshold(args), shifts=args.shifts)
+    bridge = _grounding_bridge(args.model)
+    result = segment(bridge, image, class_names, _threshold(args), shifts=args.shifts, refine=args.refine)
     draw_segmentation(image, result).save(args.out)
     for label, name in enumerate(["background", *class_names]):
         print(f"{name}: {(result.labels == label).mean():.1%} of the pixels")
@@ -214,7 +220,9 @@ def _eval_segmentation(args) -> int:
     samples, class_names = load_segmentation_folder(args.data)
     bridge = TextBridge.from_pretrained(args.model)
     loaded = ((load_image(image), load_mask(mask)) for image, mask in samples)
-    metrics = evaluate_segmentation(bridge, loaded, class_names, _threshold(args), shifts=args.shifts)
+    metrics = evaluate_segmentation(
+        bridge, loaded, class_names, _threshold(args), shifts=args.shifts, refine=args.refine
+    )
     metrics["classes"] = len(class_names)
     if args.json:
         print(json.dumps(metrics, indent=2))

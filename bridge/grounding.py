@@ -5,9 +5,10 @@ text with each patch is a (h, w) heatmap (`TextBridge.patch_similarity`). This f
 maps into maps at the image's own resolution: the image is resized so its short side is `scale`
 pixels, covered by encoder-sized windows (sliding windows for images longer than one window), and each
 window is also encoded shifted by fractions of a patch, so a pixel's score mixes several patch grids
-and the map resolves finer than one patch (measured in the README). Segmentation scores every class
-name, averaged over prompt templates, and labels a pixel with the best class, or background where no
-class reaches the threshold.
+and the map resolves finer than one patch; then the map is refined with the image's own colours (PAMR),
+so it stops at edges (both measured in the README). Segmentation scores every class name, averaged over
+prompt templates, and labels a pixel with the best class, or background where no class reaches the
+threshold.
 
 Not here: training the per-patch embeddings (training/losses.py has the dense objective) and the
 segmentation metrics (training/evaluate.py).
@@ -49,6 +50,10 @@ SEGMENTATION_TEMPLATES = (
 # cosine ranges: tune it with `dinobridge eval segmentation --threshold`.
 DEFAULT_THRESHOLD = 0.14
 WINDOW_BATCH = 32  # windows encoded at once
+# Refinement steps (PAMR): measured on held-out scenes, mIoU 0.34 unrefined, 0.58 after 5, 0.61 after 10
+# and 0.62 after 20; 10 is the default.
+REFINE_ITERATIONS = 10
+REFINE_DILATIONS = (1, 2, 4, 8, 12)  # neighbour distances in pixels: reach, and fine edges
 
 
 @dataclass
@@ -110,13 +115,14 @@ def heatmaps(
     texts: Sequence[str] | str | torch.Tensor,
     scale: int | None = None,
     shifts: int = 2,
+    refine: int = REFINE_ITERATIONS,
 ) -> torch.Tensor:
     """(texts, H, W) cosine of each text with every pixel of `image` (H, W: the image's own size).
 
     texts: strings, or already encoded normalised text embeddings (T, E). scale: the short side, in
     pixels, the image is resized to before windowing (default: one encoder window; larger zooms in,
     costing more windows). shifts: each window is also encoded shifted by 1/shifts of a patch in each
-    direction (shifts**2 passes); 1 turns it off.
+    direction (shifts**2 passes); 1 turns it off. refine: steps of `refine_with_image` (0: none).
     """
     encoder = bridge.encoder
     patch, window = encoder.patch_size, encoder.preprocessing.image_size
@@ -166,7 +172,39 @@ def heatmaps(
             weight[y : y + window, x : x + window] += fade
     inside = (slice(None), slice(patch, patch + height), slice(patch, patch + width))
     resized = (total[inside] / weight[inside[1:]])[None]
-    return F.interpolate(resized, size=image.size[::-1], mode="bilinear", align_corners=False)[0]
+    maps = F.interpolate(resized, size=image.size[::-1], mode="bilinear", align_corners=False)[0]
+    return refine_with_image(maps, image, refine) if refine else maps
+
+
+def refine_with_image(
+    maps: torch.Tensor, image: Image.Image, iterations: int = REFINE_ITERATIONS
+) -> torch.Tensor:
+    """(T, H, W) maps refined by the image's colours: pixel-adaptive mask refinement (PAMR, Araslanov and
+    Roth 2020), as Talk2DINO and other open-vocabulary segmenters use.
+
+    Each step replaces a pixel's scores by a weighted mean of its neighbours' at REFINE_DILATIONS,
+    weighted by a softmax of how alike their colours are; repeated, scores spread within a region of one
+    colour and stop at its edges, which a map upsampled from patches cannot find by itself.
+    """
+    pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
+    offsets = [
+        (dy * d, dx * d) for d in REFINE_DILATIONS for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx
+    ]
+    neighbours = torch.stack([_shifted(pixels, dy, dx) for dy, dx in offsets])  # (K, 3, H, W)
+    difference = (neighbours - pixels).abs().mean(1)  # (K, H, W)
+    spread = neighbours.std(0).mean(0) + 1e-3  # how varied the neighbourhood is, per pixel
+    affinity = (-difference / (0.1 * spread)).softmax(0)  # (K, H, W), over neighbours
+    for _ in range(iterations):
+        maps = sum(a * _shifted(maps, dy, dx) for a, (dy, dx) in zip(affinity, offsets, strict=True))
+    return maps
+
+
+def _shifted(values: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """(C, H, W) -> each pixel's neighbour at (dy, dx), edges replicated."""
+    pad = max(abs(dy), abs(dx))
+    height, width = values.shape[-2:]
+    padded = F.pad(values[None], (pad, pad, pad, pad), mode="replicate")[0]
+    return padded[:, pad + dy : pad + dy + height, pad + dx : pad + dx + width]
 
 
 def segment(
@@ -177,10 +215,11 @@ def segment(
     templates: Sequence[str] = SEGMENTATION_TEMPLATES,
     scale: int | None = None,
     shifts: int = 2,
+    refine: int = REFINE_ITERATIONS,
 ) -> Segmentation:
     """Label every pixel with its best class, or 0 (background) where no class's cosine reaches threshold."""
     names = check_class_names(class_names)
-    scores = heatmaps(bridge, image, encode_class_names(bridge, names, templates), scale, shifts)
+    scores = heatmaps(bridge, image, encode_class_names(bridge, names, templates), scale, shifts, refine)
     return Segmentation(label_pixels(scores, threshold), scores, names, threshold)
 
 

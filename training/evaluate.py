@@ -19,6 +19,7 @@ from PIL import Image
 
 from bridge.grounding import (
     DEFAULT_THRESHOLD,
+    REFINE_ITERATIONS,
     SEGMENTATION_TEMPLATES,
     encode_class_names,
     heatmaps,
@@ -135,6 +136,7 @@ def evaluate_segmentation(
     threshold: float | Sequence[float] = DEFAULT_THRESHOLD,
     templates: Sequence[str] = SEGMENTATION_TEMPLATES,
     shifts: int = 2,
+    refine: int = REFINE_ITERATIONS,
 ) -> dict[str, float]:
     """Open-vocabulary segmentation of (image, (H, W) label mask) samples, and the pointing game.
 
@@ -148,7 +150,7 @@ def evaluate_segmentation(
     confusions = np.zeros((len(thresholds), len(class_names), len(class_names)), dtype=np.int64)
     images = hits = objects = 0
     for image, mask in samples:
-        scores = heatmaps(bridge, image, prompts, shifts=shifts)
+        scores = heatmaps(bridge, image, prompts, shifts=shifts, refine=refine)
         for confusion, value in zip(confusions, thresholds, strict=True):
             confusion += confusion_matrix(label_pixels(scores, value), mask, len(class_names))
         for label in np.unique(mask):
