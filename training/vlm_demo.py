@@ -33,14 +33,18 @@ NEW_KIND = "count"
 
 @dataclass
 class VLMDemoSettings:
-    """Sizes measured to fit 10 minutes on a 2-core CPU (README: LLM route)."""
+    """The best sizes measured so far within about 10 minutes on a 2-core CPU (README: LLM route).
+    They do not reach the issue's accuracy targets yet (see README and the slow test)."""
 
     base_scenes: int = 6000  # stage 0: captions and colour/shape/position questions
-    base_steps: int = 600
+    base_steps: int = 3000
+    base_lr: float = 1e-3  # 3e-3 learnt slower (colour 0.45 against 0.62 after 1,500 steps)
     lora_scenes: int = 3000  # stage 2: counting, with the old questions replayed
-    lora_steps: int = 250
+    lora_steps: int = 600
+    lora_lr: float = 1e-3
     held_out_scenes: int = 200  # each asked every question it has one answer to
-    batch_size: int = 64
+    batch_size: int = 32
+    llm_layers: int = 2  # of the offline default's width-128 decoder (4): half the cost a step
 
 
 @dataclass
@@ -96,6 +100,7 @@ def _run(out_dir: Path, settings: VLMDemoSettings, progress: bool) -> VLMDemoRes
     # The 2x2 patch merge: 16 visual tokens a scene instead of 64, which more than halves every step on
     # a CPU. (It cannot be exported to LLaVA; the notebook and tests export the 'mlp' default.)
     config.vlm.projector.kind = "patch-merge"
+    config.vlm.llm.architecture["num_hidden_layers"] = settings.llm_layers
     config.train.batch_size = settings.batch_size
     config.train.checkpoint_every = 0
     torch.manual_seed(config.train.seed)
@@ -117,14 +122,14 @@ def _run(out_dir: Path, settings: VLMDemoSettings, progress: bool) -> VLMDemoRes
 
     tick = time.perf_counter()
     standardise_projector_input(model, base.features[list(range(min(512, len(base.features))))])
-    config.train.stage, config.train.steps, config.train.lr = 0, settings.base_steps, 3e-3
+    config.train.stage, config.train.steps, config.train.lr = 0, settings.base_steps, settings.base_lr
     before = fit_vlm(model, base, held_out, config.train, out_dir / "stage0", progress=progress).metrics
     seconds["stage 0"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
     model.add_lora()
     frozen = frozen_state(model)
-    config.train.stage, config.train.steps, config.train.lr = 2, settings.lora_steps, 2e-3
+    config.train.stage, config.train.steps, config.train.lr = 2, settings.lora_steps, settings.lora_lr
     after = fit_vlm(model, lora, held_out, config.train, out_dir / "stage2", progress=progress).metrics
     unchanged = frozen_state(model)
     same = frozen.keys() == unchanged.keys() and all(np.array_equal(frozen[k], unchanged[k]) for k in frozen)
