@@ -168,12 +168,8 @@ def fit(
     head, optimizer = accelerator.prepare(head, optimizer)
     loss_fn = LOSSES[config.loss]
     losses: list[float] = []
-    log_path = out_dir / "train_log.jsonl"
     main = accelerator.is_main_process  # under `accelerate launch`, the one that writes files
-    if log_path.exists() and main:  # steps a killed run logged past its last checkpoint are dropped
-        kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= start]
-        log_path.write_text("".join(line + "\n" for line in kept))
-    log_file = log_path.open("a") if main else open(os.devnull, "w")
+    log_file = TrainLog(out_dir, start, main)
     bar = tqdm(
         range(start, config.steps),
         desc="training",
@@ -213,9 +209,7 @@ def fit(
                 optimizer.step()
                 optimizer.zero_grad()
             losses.append(loss.item())
-            log_file.write(
-                json.dumps({"step": step + 1, "loss": losses[-1], "lr": learning_rate(config, step)}) + "\n"
-            )
+            log_file.write(step + 1, losses[-1], learning_rate(config, step))
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
             done = step + 1
             if config.eval_every and done % config.eval_every == 0 and done < config.steps:
@@ -228,6 +222,25 @@ def fit(
         bar.close()
     metrics = evaluate_alignment(bridge, data.held_out)
     return TrainResult(config.steps, losses, metrics, data.skipped)
+
+
+class TrainLog:
+    """`train_log.jsonl`, a line per optimiser step. Opened at `start`, it first drops the lines a killed
+    run wrote past its last checkpoint, so a resumed run logs each step once. Only the process that
+    `writes` (the main one under `accelerate launch`) touches the file."""
+
+    def __init__(self, out_dir: Path, start: int, writes: bool = True):
+        path = out_dir / "train_log.jsonl"
+        if writes and path.exists():
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= start]
+            path.write_text("".join(line + "\n" for line in kept))
+        self.file = path.open("a") if writes else open(os.devnull, "w")
+
+    def write(self, step: int, loss: float, lr: float) -> None:
+        self.file.write(json.dumps({"step": step, "loss": loss, "lr": lr}) + "\n")
+
+    def close(self) -> None:
+        self.file.close()
 
 
 def gather_with_gradient(local: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,14 @@ from tqdm.auto import tqdm
 from bridge.config import ConfigError, VLMRunConfig, VLMTrainConfig, to_dict
 from bridge.vision import VisionFeatures
 from bridge.vlm import VisionLLM, pad
-from training.align import CHECKPOINTS, RUN_CONFIG, _load_checkpoint, _save_checkpoint, learning_rate
+from training.align import (
+    CHECKPOINTS,
+    RUN_CONFIG,
+    TrainLog,
+    _load_checkpoint,
+    _save_checkpoint,
+    learning_rate,
+)
 from training.cache import CachedFeatures, FeatureCache
 from training.data import (
     IMAGE_PLACEHOLDER,
@@ -177,11 +184,7 @@ def fit_vlm(
     model.to(accelerator.device)
     optimizer = accelerator.prepare(optimizer)
     losses: list[float] = []
-    log_path = out_dir / "train_log.jsonl"
-    if log_path.exists():  # a killed run may have logged steps past its last checkpoint: drop them
-        kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= start]
-        log_path.write_text("".join(line + "\n" for line in kept))
-    log_file = log_path.open("a")
+    log_file = TrainLog(out_dir, start)
     bar = tqdm(
         range(start, config.steps),
         desc=f"stage {config.stage}",
@@ -202,9 +205,7 @@ def fit_vlm(
                 optimizer.step()
                 optimizer.zero_grad()
             losses.append(loss.item())
-            log_file.write(
-                json.dumps({"step": step + 1, "loss": losses[-1], "lr": learning_rate(config, step)}) + "\n"
-            )
+            log_file.write(step + 1, losses[-1], learning_rate(config, step))
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
             done = step + 1
             if config.checkpoint_every and done % config.checkpoint_every == 0:
