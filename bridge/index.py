@@ -39,7 +39,16 @@ from bridge.index_files import (
 )
 from bridge.model import TextBridge
 from bridge.runtime import EncodeSettings, encode_settings, processes
-from bridge.search import EXACT_UP_TO, FLAT_UP_TO, build_faiss_index, exact_search, faiss_search, import_faiss
+from bridge.search import (
+    EXACT_UP_TO,
+    FLAT_UP_TO,
+    build_faiss_index,
+    exact_search,
+    faiss_search,
+    import_faiss,
+    read_faiss_index,
+    write_faiss_index,
+)
 
 log = logging.getLogger(__name__)
 
@@ -435,17 +444,16 @@ class ImageIndex:
     def _faiss_index(self, space: str):
         """A FAISS index over one space, kept in memory and, when it is quantised (slow to train), on disk."""
         if space not in self._faiss:
-            faiss = import_faiss()
-            path = self.directory / f"faiss-{space}-{self._manifest['generation']}.index"
+            path = self.directory / f"faiss-{space}-{self._manifest['generation']}.npz"
             if path.is_file():
-                self._faiss[space] = faiss.read_index(str(path))
+                self._faiss[space] = read_faiss_index(path)
                 return self._faiss[space]
             self._faiss[space] = build_faiss_index(self._view(space))
             if len(self) > FLAT_UP_TO:
                 try:  # searching a read-only index still works, only slower to start
-                    for stale in self.directory.glob(f"faiss-{space}-*.index"):
+                    for stale in self.directory.glob(f"faiss-{space}-*"):
                         stale.unlink()
-                    faiss.write_index(self._faiss[space], f"{path}.tmp")
+                    write_faiss_index(self._faiss[space], f"{path}.tmp")
                     os.replace(f"{path}.tmp", path)
                 except (OSError, RuntimeError) as error:
                     log.warning("could not cache the FAISS index in '%s': %s", path, error)

@@ -7,7 +7,7 @@ An index is a directory:
     shard-000001.text.npy      (n, E) float16, L2-normalised bridge embeddings (the text space)
     shard-000001.image.npy     (n, D) float16, L2-normalised DINOv2 CLS tokens (image-to-image search)
     failures.log               the files the last run could not index, one "path: reason" a line
-    faiss-<space>-<gen>.index  the FAISS index of a large index (bridge/search.py), cached between searches
+    faiss-<space>-<gen>.npz    the FAISS index of a large index (bridge/search.py), cached between searches
     part-<rank>.json           only during a run of N processes: what process <rank> wrote, for the merge
 
 Why a killed run loses nothing: a shard is written under a name no manifest mentions yet, then one

@@ -30,7 +30,14 @@ from PIL import Image
 import bridge.search as search_module
 from bridge.images import load_image
 from bridge.index import ImageIndex, IndexMismatchError, run_index_command, run_search_command
-from bridge.search import build_faiss_index, exact_search, faiss_search, rescore
+from bridge.search import (
+    build_faiss_index,
+    exact_search,
+    faiss_search,
+    read_faiss_index,
+    rescore,
+    write_faiss_index,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 RED, BLUE = (255, 0, 0), (0, 0, 255)
@@ -366,15 +373,40 @@ def test_large_collections_use_fast_scan_codes_reranked_exactly() -> None:
     vectors = np.random.default_rng(0).standard_normal((3000, 64)).astype(np.float32)
     vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float16)
     index = build_faiss_index(vectors, flat_up_to=1000)
-    assert type(index).__name__ == "IndexPQFastScan" and index.pq.M == 32 and index.pq.nbits == 4
+    import faiss
+
+    shard = faiss.downcast_index(index.at(0))
+    assert index.count() == 1 and type(shard).__name__ == "IndexPQFastScan"
+    assert shard.pq.M == 32 and shard.pq.nbits == 4
     queries = np.random.default_rng(1).standard_normal((50, 64)).astype(np.float32)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
     truth_scores, truth = exact_search(vectors, queries, 10)
     scores, found = faiss_search(index, vectors, queries, 10)
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(truth, found, strict=True)])
     assert recall >= 0.95
-    np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", queries, vectors[found].astype(np.float32)))
+    np.testing.assert_allclose(
+        scores, np.einsum("qd,qkd->qk", queries, vectors[found].astype(np.float32)), rtol=1e-6
+    )
     assert (np.diff(scores, axis=1) <= 0).all()
+
+
+def test_sharded_fast_scan_finds_what_one_scan_finds_and_survives_a_save(tmp_path: Path) -> None:
+    # Shards are scanned in parallel threads and merged by code score: the same candidates as one scan.
+    vectors = np.random.default_rng(0).standard_normal((3000, 64)).astype(np.float32)
+    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float16)
+    queries = vectors[[5, 1500, 2999]].astype(np.float32)
+    one = faiss_search(build_faiss_index(vectors, flat_up_to=1000, shards=1), vectors, queries, 10)
+    three = build_faiss_index(vectors, flat_up_to=1000, shards=3)
+    assert three.count() == 3 and three.ntotal == 3000
+    for found in [faiss_search(three, vectors, queries, 10), None]:
+        if found is None:  # the same index, saved and read back
+            write_faiss_index(three, tmp_path / "faiss.npz")
+            found = faiss_search(read_faiss_index(tmp_path / "faiss.npz"), vectors, queries, 10)
+        np.testing.assert_array_equal(found[1], one[1])
+        assert found[1][:, 0].tolist() == [5, 1500, 2999]  # each vector finds itself: global row ids
+    flat = build_faiss_index(vectors[:100], flat_up_to=1000)
+    write_faiss_index(flat, tmp_path / "flat.npz")
+    assert type(read_faiss_index(tmp_path / "flat.npz")).__name__ == "IndexFlatIP"
 
 
 def test_rescore_puts_missing_candidates_last() -> None:
