@@ -448,7 +448,7 @@ class ImageIndex:
             if path.is_file():
                 self._faiss[space] = read_faiss_index(path)
                 return self._faiss[space]
-            self._faiss[space] = build_faiss_index(self._view(space))
+            self._faiss[space] = build_faiss_index(self._view(space), flat_up_to=FLAT_UP_TO)
             if len(self) > FLAT_UP_TO:
                 try:  # searching a read-only index still works, only slower to start
                     for stale in self.directory.glob(f"faiss-{space}-*"):

@@ -27,6 +27,7 @@ import pytest
 import torch
 from PIL import Image
 
+import bridge.index as bridge_index
 import bridge.search as search_module
 from bridge.images import load_image
 from bridge.index import ImageIndex, IndexMismatchError, run_index_command, run_search_command
@@ -365,6 +366,22 @@ def test_exact_and_faiss_back_ends_agree(photo_index: ImageIndex) -> None:
         approximate = photo_index.search(text=query, k=5, backend="faiss")
         assert [p for p, _ in approximate] == [p for p, _ in exact]
         np.testing.assert_allclose([s for _, s in approximate], [s for _, s in exact], atol=1e-5)
+
+
+def test_a_quantised_faiss_index_is_saved_in_the_index_and_read_back(
+    photo_index: ImageIndex, tiny_bridge, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Above FLAT_UP_TO (lowered here to 10 of the 30 photos) the trained index is cached on disk.
+    monkeypatch.setattr(bridge_index, "FLAT_UP_TO", 10)
+    monkeypatch.setattr(photo_index, "_faiss", {})
+    exact = photo_index.search(text="a red square", k=5, backend="exact")
+    assert photo_index.search(text="a red square", k=5, backend="faiss") == exact  # 32 x k re-ranked: all 30
+    saved = list(photo_index.directory.glob("faiss-text-*"))
+    assert [p.name for p in saved] == [f"faiss-text-{photo_index._manifest['generation']}.npz"]
+    monkeypatch.setattr(bridge_index, "build_faiss_index", lambda *_, **__: pytest.fail("rebuilt, not read"))
+    reopened = ImageIndex.load(photo_index.directory, tiny_bridge)
+    assert reopened.search(text="a red square", k=5, backend="faiss") == exact
+    saved[0].unlink()
 
 
 def test_large_collections_use_fast_scan_codes_reranked_exactly() -> None:
