@@ -49,7 +49,8 @@ def epoch(bridge: TextBridge, data, config, in_the_loop: bool) -> tuple[float, l
     for step in range(len(pairs) // config.batch_size):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, step)
-        indices, texts = sample_batch(data.train, config, step)
+        indices, rows = sample_batch(data.train, config, step)
+        texts = data.train.captions[rows]
         if in_the_loop:
             images = [pairs[i].load_image() for i in indices.tolist()]
             features = bridge.encoder(bridge.encoder.preprocessing(images))

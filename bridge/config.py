@@ -122,6 +122,10 @@ class TrainConfig:
     # 0 trains for retrieval only; 1.0 also makes each patch's embedding say what is there (heatmaps,
     # segmentation), as `dinobridge demo grounding` does.
     dense_weight: float = 0.0
+    # Word groups for hard negative captions (training/negatives.py, NegCLIP-style), used by the retrieval
+    # and the dense loss: e.g. [["circle", "square", "triangle"]] makes "a red circle" compete with "a red
+    # square" on the same image, which random captions of a batch rarely make it do.
+    hard_negative_words: list[list[str]] = field(default_factory=list)
 
 
 @dataclass

@@ -238,15 +238,32 @@ def test_segment_command_errors_name_the_problem(tmp_path, saved_tiny_bridge, ca
     assert "no bridge at" in capsys.readouterr().err
 
 
-def test_the_dense_loss_prefers_images_whose_patches_show_the_caption():
+def captions_and_patches_that_show_them() -> tuple[torch.Tensor, torch.Tensor]:
+    """8 random captions (8, 32) and 8 images of 16 patches (8, 16, 32): patch 5 of image i shows caption i."""
     torch.manual_seed(0)
     texts = F.normalize(torch.randn(8, 32), dim=-1)
     patches = torch.randn(8, 16, 32)
-    patches[:, 5] = texts * 6  # one patch of each image shows what its caption says
-    patches = F.normalize(patches, dim=-1)
+    patches[:, 5] = texts * 6
+    return texts, F.normalize(patches, dim=-1)
+
+
+def test_the_dense_loss_prefers_images_whose_patches_show_the_caption():
+    texts, patches = captions_and_patches_that_show_them()
     shuffled = patches[torch.roll(torch.arange(8), 1)]
     scale = torch.tensor(2.3)
     assert dense_loss(patches, texts, scale) < dense_loss(shuffled, texts, scale) - 1.0
+
+
+def test_the_dense_loss_counts_a_hard_negative_only_where_there_is_one():
+    texts, patches = captions_and_patches_that_show_them()
+    scale = torch.tensor(2.3)
+    without = dense_loss(patches, texts, scale)
+    # A near-copy of the caption competes on its own image: the loss rises. Absent ones (zero) change nothing.
+    close = F.normalize(texts + 0.02 * torch.randn(8, 32), dim=-1)[:, None]
+    assert dense_loss(patches, texts, scale, close) > without + 0.1
+    assert torch.allclose(dense_loss(patches, texts, scale, torch.zeros(8, 2, 32)), without)
+    # A negative far from what the patches show costs almost nothing.
+    assert dense_loss(patches, texts, scale, -texts[:, None]) < without + 0.05
 
 
 def test_training_with_the_dense_loss_moves_the_patch_embeddings(tmp_path):

@@ -32,6 +32,7 @@ from training.cache import CachedFeatures, FeatureCache, TextCache
 from training.data import held_out_split, load_pairs, parse_synthetic_spec, synthetic_pairs
 from training.evaluate import retrieval_recall
 from training.losses import LOSSES, dense_loss
+from training.negatives import hard_negatives
 
 log = logging.getLogger(__name__)
 
@@ -48,17 +49,36 @@ class CaptionedFeatures:
     caption_image: torch.Tensor  # (total captions,): which image each caption belongs to
     first_caption: torch.Tensor  # (images,): index of each image's first caption
     caption_count: torch.Tensor  # (images,)
+    # (total captions, groups, E): each caption's hard negatives (training/negatives.py), zero where a
+    # caption has no word of a group; None without `hard_negative_words`.
+    negatives: torch.Tensor | None = None
 
     @classmethod
-    def build(cls, features: CachedFeatures, text_cache: TextCache) -> CaptionedFeatures:
+    def build(
+        cls,
+        features: CachedFeatures,
+        text_cache: TextCache,
+        hard_negative_words: list[list[str]] | None = None,
+    ) -> CaptionedFeatures:
         counts = torch.tensor([len(pair.captions) for pair in features.pairs])
         texts = [caption for pair in features.pairs for caption in pair.captions]
+        negatives = None
+        if hard_negative_words:
+            edited = hard_negatives(texts, hard_negative_words)
+            wanted = [caption for row in edited for caption in row if caption is not None]
+            found = iter(F.normalize(text_cache.embeddings(wanted), dim=-1))
+            negatives = torch.zeros(len(texts), len(hard_negative_words), text_cache.tower.embed_dim)
+            for row, captions in zip(negatives, edited, strict=True):
+                for group, caption in enumerate(captions):
+                    if caption is not None:
+                        row[group] = next(found)
         return cls(
             features,
             F.normalize(text_cache.embeddings(texts), dim=-1),
             torch.arange(len(counts)).repeat_interleave(counts),
             torch.cumsum(counts, 0) - counts,
             counts,
+            negatives,
         )
 
 
@@ -105,7 +125,7 @@ class AlignmentData:
         if len(parts[0]) == 0:
             raise ConfigError(f"no training image of '{data}' could be read; see the warnings above")
         truncated_before = bridge.tower.truncated
-        data_sets = [CaptionedFeatures.build(part, text_cache) for part in parts]
+        data_sets = [CaptionedFeatures.build(part, text_cache, config.hard_negative_words) for part in parts]
         truncated = bridge.tower.truncated - truncated_before
         if truncated:
             log.warning(
@@ -183,7 +203,8 @@ def fit(
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(config, step)
             with accelerator.accumulate(head):
-                images, texts = sample_batch(data.train, config, step)
+                images, rows = sample_batch(data.train, config, step)
+                texts = data.train.captions[rows].to(accelerator.device)
                 with accelerator.autocast():
                     # Each process embeds its slice of the global batch; the losses see the whole batch.
                     features = data.train.features[_slice(images, rank, world)].to(accelerator.device)
@@ -199,11 +220,11 @@ def fit(
                         if config.loss == "infonce"
                         else (unwrapped.logit_scale, unwrapped.logit_bias)
                     )
-                    loss = loss_fn(embeddings.float(), texts.to(accelerator.device), *args)
+                    negatives = data.train.negatives
+                    negatives = None if negatives is None else negatives[rows].to(accelerator.device)
+                    loss = loss_fn(embeddings.float(), texts, *args, negatives)
                     if config.dense_weight:  # grounding: captions against patches (losses.dense_loss)
-                        dense = dense_loss(
-                            patches.float(), texts.to(accelerator.device), unwrapped.logit_scale
-                        )
+                        dense = dense_loss(patches.float(), texts, unwrapped.logit_scale, negatives)
                         loss = loss + config.dense_weight * dense
                 accelerator.backward(loss)
                 optimizer.step()
@@ -276,8 +297,8 @@ def learning_rate(config: TrainConfig, step: int) -> float:
 def sample_batch(
     data: CaptionedFeatures, config: TrainConfig, step: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batch `step`: (image indices, their caption embeddings). Images come in a fresh seeded
-    permutation each epoch, each with one of its captions picked at random."""
+    """Batch `step`: (image indices, the row of one caption of each in `data.captions`). Images come in a
+    fresh seeded permutation each epoch, each with one of its captions picked at random."""
     count = len(data.features)
     batch_size = min(config.batch_size, count)
     per_epoch = count // batch_size
@@ -286,7 +307,7 @@ def sample_batch(
     images = order[position * batch_size : (position + 1) * batch_size]
     pick = torch.Generator().manual_seed(config.seed * 1_000_003 + 7919 * step + 1)
     offsets = (torch.rand(batch_size, generator=pick) * data.caption_count[images]).long()
-    return images, data.captions[data.first_caption[images] + offsets]
+    return images, data.first_caption[images] + offsets
 
 
 @torch.no_grad()

@@ -25,7 +25,7 @@ from bridge.config import ProjectorConfig, RunConfig
 from bridge.grounding import DEFAULT_THRESHOLD, heatmaps, overlay_heatmap
 from bridge.model import TextBridge
 from bridge.projectors import build_projector
-from bridge.synthetic import CLASS_NAMES, Scene, SyntheticWorld
+from bridge.synthetic import CLASS_NAMES, SHAPES, Scene, SyntheticWorld
 from training.align import AlignmentData, CaptionedFeatures, TrainResult, fit
 from training.evaluate import evaluate_segmentation
 
@@ -59,11 +59,11 @@ def run_demo(
 
 
 def _two_bridges(
-    out_dir: Path, train_scenes: int, progress: bool
+    out_dir: Path, train_scenes: int, progress: bool, config: RunConfig | None = None
 ) -> tuple[RunConfig, TextBridge, TextBridge, AlignmentData]:
     """The offline default's attention bridge, the CLS-only linear baseline on the same encoder and
     tower, and the cached features of `train_scenes` synthetic scenes (plus the held-out gallery)."""
-    config = RunConfig()
+    config = config or RunConfig()
     torch.manual_seed(config.train.seed)
     bridge = TextBridge.from_config(config.bridge)
     data = AlignmentData.prepare(
@@ -86,6 +86,9 @@ class GroundingDemoResult:
 
 
 DENSE_WEIGHT = 1.0  # the dense loss weighs as much as the retrieval loss
+# Measured on a bridge trained without hard negatives: every foreground pixel got its colour right, 61% its
+# shape, although an MLP probe reads the shape from a single frozen patch token at 0.94. Random captions
+# of a batch rarely differ in shape alone; negatives with the shape words swapped make them.
 # The held-out segmentation scenes start here: past the training scenes and the retrieval gallery.
 GROUNDING_SCENES_START = 2 * 10**7
 # Thresholds the CLS-only baseline is given its best of, chosen on the test scenes themselves: an upper
@@ -102,7 +105,9 @@ def run_grounding_demo(
     """Train on captions only, then segment held-out scenes: dense bridge against the CLS-only baseline."""
     start = time.perf_counter()
     out_dir = Path(out_dir)
-    config, bridge, baseline, data = _two_bridges(out_dir, train_scenes, progress)
+    config = RunConfig()
+    config.train.hard_negative_words = [list(SHAPES)]
+    config, bridge, baseline, data = _two_bridges(out_dir, train_scenes, progress, config)
     dense = replace(config.train, dense_weight=DENSE_WEIGHT)
     runs = (("CLS-only linear", baseline, config.train), ("patch-token attention, dense", bridge, dense))
     scenes = SyntheticWorld(config.train.seed).scenes(GROUNDING_SCENES_START, eval_scenes, distinct=True)

@@ -13,20 +13,48 @@ import torch.nn.functional as F
 MAX_LOGIT_SCALE = 100.0
 
 
-def infonce_loss(images: torch.Tensor, texts: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """CLIP's symmetric cross-entropy over the (B, B) similarity matrix."""
-    logits = logit_scale.exp().clamp(max=MAX_LOGIT_SCALE) * images @ texts.T
+def infonce_loss(
+    images: torch.Tensor,
+    texts: torch.Tensor,
+    logit_scale: torch.Tensor,
+    negatives: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """CLIP's symmetric cross-entropy over the (B, B) similarity matrix.
+
+    negatives (B, G, E): hard negative captions of each image's caption (training/negatives.py), added to
+    that image's row of candidates, as NegCLIP does; all-zero rows are absent.
+    """
+    scale = logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+    logits = scale * images @ texts.T
     targets = torch.arange(len(images), device=images.device)
-    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+    image_to_text = logits
+    if negatives is not None:
+        image_to_text = torch.cat([logits, _hard_logits(scale * images, negatives)], 1)
+    return (F.cross_entropy(image_to_text, targets) + F.cross_entropy(logits.T, targets)) / 2
 
 
 def sigmoid_loss(
-    images: torch.Tensor, texts: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor
+    images: torch.Tensor,
+    texts: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor,
+    negatives: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """SigLIP's pairwise sigmoid loss: each (image, text) pair is its own binary match/no-match."""
-    logits = logit_scale.exp().clamp(max=MAX_LOGIT_SCALE) * images @ texts.T + logit_bias
+    """SigLIP's pairwise sigmoid loss: each (image, text) pair is its own binary match/no-match; hard
+    negatives (as in infonce_loss) are more no-match pairs."""
+    scale = logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+    logits = scale * images @ texts.T + logit_bias
     labels = 2 * torch.eye(len(images), device=images.device) - 1  # +1 on the diagonal, -1 elsewhere
-    return -F.logsigmoid(labels * logits).sum() / len(images)
+    loss = -F.logsigmoid(labels * logits).sum()
+    if negatives is not None:  # an absent negative's logit is -inf: no-match for certain, zero loss
+        loss = loss - F.logsigmoid(-(_hard_logits(scale * images, negatives) + logit_bias)).sum()
+    return loss / len(images)
+
+
+def _hard_logits(scaled_images: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+    """(B, G) logits of each image (B, E) with its own hard negatives (B, G, E); -inf where absent."""
+    logits = torch.einsum("be,bge->bg", scaled_images, negatives)
+    return logits.masked_fill(negatives.norm(dim=-1) == 0, -torch.inf)
 
 
 LOSSES = {"infonce": infonce_loss, "siglip": sigmoid_loss}
@@ -38,7 +66,12 @@ DENSE_IMAGES = 64
 POOL_TEMPERATURE = 0.1  # softmax temperature over a caption's patch cosines: low picks few patches
 
 
-def dense_loss(patches: torch.Tensor, texts: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+def dense_loss(
+    patches: torch.Tensor,
+    texts: torch.Tensor,
+    logit_scale: torch.Tensor,
+    negatives: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Captions against patches, no masks: each caption pools the patches of an image that match it.
 
     patches (B, N, E) and texts (B, E), normalised, row i of each from the same image. For every (image,
@@ -47,15 +80,29 @@ def dense_loss(patches: torch.Tensor, texts: torch.Tensor, logit_scale: torch.Te
     with the weights from the patches themselves); then InfoNCE over the (B, B) scores. A caption scores
     high only on an image where some patches, each on its own, look like what it names: so every patch's
     embedding learns to say what is at that patch, in the text tower's words.
+
+    negatives (B, G, E): hard negative captions of each image's caption (training/negatives.py), scored
+    the same way against that image only and added to its row of candidates; all-zero rows are absent.
     """
     patches, texts = patches[:DENSE_IMAGES], texts[:DENSE_IMAGES]
-    count, tokens, width = patches.shape
-    cosines = (patches.reshape(count * tokens, width) @ texts.T).view(count, tokens, count).transpose(1, 2)
-    weights = (cosines / POOL_TEMPERATURE).softmax(-1)  # (image, caption, patch)
-    # |weighted mean patch|^2 = w^T G w with G the patches' Gram matrix: no (B, B, E) tensor is built.
-    gram = patches @ patches.transpose(1, 2)
-    norms = torch.einsum("icn,inm,icm->ic", weights, gram, weights).clamp_min(1e-8).sqrt()
-    scores = (weights * cosines).sum(-1) / norms
+    count = len(patches)
+    scores = pooled_scores(patches, texts.expand(count, -1, -1))  # (image, caption)
     logits = logit_scale.exp().clamp(max=MAX_LOGIT_SCALE) * scores
     targets = torch.arange(count, device=patches.device)
-    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+    image_to_text = logits
+    if negatives is not None:
+        negatives = negatives[:DENSE_IMAGES]
+        hard = logit_scale.exp().clamp(max=MAX_LOGIT_SCALE) * pooled_scores(patches, negatives)
+        image_to_text = torch.cat([logits, hard.masked_fill(negatives.norm(dim=-1) == 0, -torch.inf)], 1)
+    return (F.cross_entropy(image_to_text, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+
+def pooled_scores(patches: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
+    """(B, T) scores of each image's patches (B, N, E) pooled by each of its texts (B, T, E), as dense_loss
+    describes."""
+    cosines = texts @ patches.transpose(1, 2)  # (image, text, patch)
+    weights = (cosines / POOL_TEMPERATURE).softmax(-1)
+    # |weighted mean patch|^2 = w^T G w with G the patches' Gram matrix: no (B, T, E) tensor is built.
+    gram = patches @ patches.transpose(1, 2)
+    norms = torch.einsum("itn,inm,itm->it", weights, gram, weights).clamp_min(1e-8).sqrt()
+    return (weights * cosines).sum(-1) / norms
