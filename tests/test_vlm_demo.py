@@ -30,7 +30,9 @@ def test_demo_machinery_on_a_tiny_run(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.xfail(
-    reason="demo targets not reached yet: held-out colour/shape/position below 0.9", strict=False
+    reason="demo targets not reached yet: shape is not learnt in the budget, so held-out colour/shape/"
+    "position stay below 0.9 (README: 'Why it learns slowly')",
+    strict=False,
 )
 def test_demo_vlm_answers_and_learns_counting_with_lora(tmp_path, capsys):
     assert main(["demo-vlm", "--out", str(tmp_path / "demo")]) == 0

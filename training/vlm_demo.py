@@ -34,7 +34,8 @@ NEW_KIND = "count"
 @dataclass
 class VLMDemoSettings:
     """The best sizes measured so far within about 10 minutes on a 2-core CPU (README: LLM route).
-    They do not reach the issue's accuracy targets yet (see README and the slow test)."""
+    They do not reach the issue's accuracy targets yet: the projector does not learn shape, which the
+    frozen random encoder's tokens hold only non-linearly, in the budget (README: "Why it learns slowly")."""
 
     base_scenes: int = 6000  # stage 0: captions and colour/shape/position questions
     base_steps: int = 3000
