@@ -305,7 +305,7 @@ def test_grounding_demo_command_prints_both_projectors_and_draws_the_heatmaps(tm
 
 @pytest.mark.slow
 def test_grounding_demo_localises_where_the_cls_only_baseline_cannot(tmp_path, capsys):
-    """The full `dinobridge demo grounding` (about 20 minutes on 2 busy cores; `.ci/run` runs it)."""
+    """The full `dinobridge demo grounding` (about 26 minutes on 2 busy cores; `.ci/run` runs it)."""
     assert main(["demo", "grounding", "--out", str(tmp_path / "demo")]) == 0
     rows = {}
     for line in capsys.readouterr().out.splitlines():
@@ -315,6 +315,9 @@ def test_grounding_demo_localises_where_the_cls_only_baseline_cannot(tmp_path, c
     baseline, dense = rows["CLS-only linear"], rows["patch-token attention, dense"]
     # Columns: mIoU, mIoU without background, pointing, threshold, text->image R@1.
     assert dense[2] >= 0.9, f"pointing game {dense[2]:.3f} below 0.9"
+    assert dense[0] >= 0.6 and dense[1] >= 0.6, (
+        f"mIoU {dense[0]:.3f} (no background {dense[1]:.3f}) below 0.6"
+    )
     assert dense[2] >= baseline[2] + 0.3
-    assert dense[0] > baseline[0] and dense[1] > baseline[1]
+    assert dense[0] > baseline[0] + 0.3 and dense[1] > baseline[1] + 0.3
     assert dense[4] >= 0.8  # the dense loss leaves retrieval as good as the demo's
