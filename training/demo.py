@@ -86,9 +86,6 @@ class GroundingDemoResult:
 
 
 DENSE_WEIGHT = 1.0  # the dense loss weighs as much as the retrieval loss
-# Measured on a bridge trained without hard negatives: every foreground pixel got its colour right, 61% its
-# shape, although an MLP probe reads the shape from a single frozen patch token at 0.94. Random captions
-# of a batch rarely differ in shape alone; negatives with the shape words swapped make them.
 # The held-out segmentation scenes start here: past the training scenes and the retrieval gallery.
 GROUNDING_SCENES_START = 2 * 10**7
 # Thresholds the CLS-only baseline is given its best of, chosen on the test scenes themselves: an upper
@@ -106,6 +103,9 @@ def run_grounding_demo(
     start = time.perf_counter()
     out_dir = Path(out_dir)
     config = RunConfig()
+    # Trained without hard negatives, every foreground pixel got its colour right but 61% its shape,
+    # although an MLP probe reads the shape from one frozen patch token at 0.94: the captions of a batch
+    # rarely differ in shape alone. Negatives with the shape words swapped make them (README: 0.38 -> 0.63).
     config.train.hard_negative_words = [list(SHAPES)]
     config, bridge, baseline, data = _two_bridges(out_dir, train_scenes, progress, config)
     dense = replace(config.train, dense_weight=DENSE_WEIGHT)

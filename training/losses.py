@@ -53,7 +53,11 @@ def sigmoid_loss(
 
 def _hard_logits(scaled_images: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
     """(B, G) logits of each image (B, E) with its own hard negatives (B, G, E); -inf where absent."""
-    logits = torch.einsum("be,bge->bg", scaled_images, negatives)
+    return _absent_at_minus_inf(torch.einsum("be,bge->bg", scaled_images, negatives), negatives)
+
+
+def _absent_at_minus_inf(logits: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+    """(B, G) logits, -inf where the negative (B, G, E) is all zeros: a caption with no word to swap."""
     return logits.masked_fill(negatives.norm(dim=-1) == 0, -torch.inf)
 
 
@@ -93,7 +97,7 @@ def dense_loss(
     if negatives is not None:
         negatives = negatives[:DENSE_IMAGES]
         hard = logit_scale.exp().clamp(max=MAX_LOGIT_SCALE) * pooled_scores(patches, negatives)
-        image_to_text = torch.cat([logits, hard.masked_fill(negatives.norm(dim=-1) == 0, -torch.inf)], 1)
+        image_to_text = torch.cat([logits, _absent_at_minus_inf(hard, negatives)], 1)
     return (F.cross_entropy(image_to_text, targets) + F.cross_entropy(logits.T, targets)) / 2
 
 
