@@ -7,7 +7,7 @@ caption itself. Here the edit is a swap within a word group the user names (shap
 ...): every word of the group in the caption is replaced by a different word of that group, so the
 negative keeps everything else and differs only in what the group describes.
 
-Not here: how the negatives enter a loss (losses.py: dense_loss).
+Not here: how the negatives enter the losses (losses.py: the retrieval losses and dense_loss).
 """
 
 from __future__ import annotations
