@@ -105,7 +105,7 @@ def write_faiss_index(index, path: str | Path) -> None:
     """Save a `build_faiss_index` index to one file. FAISS cannot write `IndexShards` itself: each shard
     is serialised by FAISS and the shards stored together, in order."""
     faiss = import_faiss()
-    shards = [index.at(i) for i in range(index.count())] if hasattr(index, "at") else [index]
+    shards = [index.at(i) for i in range(index.count())] if isinstance(index, faiss.IndexShards) else [index]
     with open(path, "wb") as file:
         np.savez(file, *[faiss.serialize_index(shard) for shard in shards])
 

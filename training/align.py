@@ -64,14 +64,13 @@ class CaptionedFeatures:
         texts = [caption for pair in features.pairs for caption in pair.captions]
         negatives = None
         if hard_negative_words:
-            edited = hard_negatives(texts, hard_negative_words)
-            wanted = [caption for row in edited for caption in row if caption is not None]
-            found = iter(F.normalize(text_cache.embeddings(wanted), dim=-1))
-            negatives = torch.zeros(len(texts), len(hard_negative_words), text_cache.tower.embed_dim)
-            for row, captions in zip(negatives, edited, strict=True):
-                for group, caption in enumerate(captions):
-                    if caption is not None:
-                        row[group] = next(found)
+            edited = [caption for row in hard_negatives(texts, hard_negative_words) for caption in row]
+            present = torch.tensor([caption is not None for caption in edited])
+            negatives = torch.zeros(len(edited), text_cache.tower.embed_dim)
+            negatives[present] = F.normalize(
+                text_cache.embeddings([c for c in edited if c is not None]), dim=-1
+            )
+            negatives = negatives.view(len(texts), len(hard_negative_words), -1)
         return cls(
             features,
             F.normalize(text_cache.embeddings(texts), dim=-1),
