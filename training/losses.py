@@ -25,11 +25,15 @@ def infonce_loss(
     that image's row of candidates, as NegCLIP does; all-zero rows are absent.
     """
     scale = logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
-    logits = scale * images @ texts.T
-    targets = torch.arange(len(images), device=images.device)
-    image_to_text = logits
-    if negatives is not None:
-        image_to_text = torch.cat([logits, _hard_logits(scale * images, negatives)], 1)
+    hard = None if negatives is None else _hard_logits(scale * images, negatives)
+    return _symmetric_cross_entropy(scale * images @ texts.T, hard)
+
+
+def _symmetric_cross_entropy(logits: torch.Tensor, hard: torch.Tensor | None = None) -> torch.Tensor:
+    """CLIP's loss over (B, B) logits, pair i on the diagonal: image->text and text->image cross-entropy,
+    averaged. hard (B, G): logits of each image's own hard negatives, extra candidates for its caption."""
+    targets = torch.arange(len(logits), device=logits.device)
+    image_to_text = logits if hard is None else torch.cat([logits, hard], 1)
     return (F.cross_entropy(image_to_text, targets) + F.cross_entropy(logits.T, targets)) / 2
 
 
@@ -89,16 +93,13 @@ def dense_loss(
     the same way against that image only and added to its row of candidates; all-zero rows are absent.
     """
     patches, texts = patches[:DENSE_IMAGES], texts[:DENSE_IMAGES]
-    count = len(patches)
-    scores = pooled_scores(patches, texts.expand(count, -1, -1))  # (image, caption)
-    logits = logit_scale.exp().clamp(max=MAX_LOGIT_SCALE) * scores
-    targets = torch.arange(count, device=patches.device)
-    image_to_text = logits
+    scale = logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+    scores = pooled_scores(patches, texts.expand(len(patches), -1, -1))  # (image, caption)
+    hard = None
     if negatives is not None:
         negatives = negatives[:DENSE_IMAGES]
-        hard = logit_scale.exp().clamp(max=MAX_LOGIT_SCALE) * pooled_scores(patches, negatives)
-        image_to_text = torch.cat([logits, _absent_at_minus_inf(hard, negatives)], 1)
-    return (F.cross_entropy(image_to_text, targets) + F.cross_entropy(logits.T, targets)) / 2
+        hard = _absent_at_minus_inf(scale * pooled_scores(patches, negatives), negatives)
+    return _symmetric_cross_entropy(scale * scores, hard)
 
 
 def pooled_scores(patches: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
