@@ -56,6 +56,11 @@ class SceneObject:
     def class_name(self) -> str:
         return f"{self.colour} {self.shape}"
 
+    @property
+    def phrase(self) -> str:
+        """What a caption says of the object: "a small red circle in the top left"."""
+        return f"a {self.size} {self.colour} {self.shape} {POSITIONS[self.position]}"
+
 
 @dataclass(frozen=True)
 class Scene:
@@ -105,11 +110,7 @@ class Scene:
         captions = []
         templates = rng.permutation(len(_SCENE_TEMPLATES))  # distinct wordings first, in a seeded order
         for k in range(count):
-            order = rng.permutation(len(self.objects))
-            phrases = []
-            for i in order:
-                obj = self.objects[i]
-                phrases.append(f"a {obj.size} {obj.colour} {obj.shape} {POSITIONS[obj.position]}")
+            phrases = [self.objects[i].phrase for i in rng.permutation(len(self.objects))]
             objects = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
             captions.append(_SCENE_TEMPLATES[templates[k % len(templates)]].format(objects=objects))
         return captions

@@ -81,3 +81,21 @@ def test_training_encodes_the_negatives_of_every_caption(tmp_path):
     assert (negatives[:, 0] * data.train.captions).sum(-1).max() < 1 - 1e-4  # not the caption itself
     result = fit(bridge, data, train, tmp_path / "run", progress=False)
     assert all(np.isfinite(result.losses))
+
+
+def test_several_negatives_per_group_differ_and_one_is_the_default_draw():
+    captions = ["a red circle", "a big red circle and a blue circle", "a red thing"]
+    groups = [["circle", "square", "triangle", "star"]]
+    three = hard_negatives(captions, groups, seed=1, per_group=3)
+    assert sorted(three[0]) == ["a red square", "a red star", "a red triangle"]
+    assert len(set(three[1])) == 3 and "a big red circle and a blue circle" not in three[1]
+    assert three[2] == [None, None, None]
+    # per_group=1 draws exactly as before, so the text route's captions and caches do not move
+    assert hard_negatives(captions, groups, seed=1) == [
+        [swap] for swap in _one_draw_each(captions, groups, 1)
+    ]
+
+
+def _one_draw_each(captions, groups, seed):
+    rng = np.random.default_rng(seed)
+    return [swap_words(caption, groups[0], rng) for caption in captions]

@@ -49,8 +49,8 @@ class CaptionedFeatures:
     caption_image: torch.Tensor  # (total captions,): which image each caption belongs to
     first_caption: torch.Tensor  # (images,): index of each image's first caption
     caption_count: torch.Tensor  # (images,)
-    # (total captions, groups, E): each caption's hard negatives (training/negatives.py), zero where a
-    # caption has no word of a group; None without `hard_negative_words`.
+    # (total captions, groups x per group, E): each caption's hard negatives (training/negatives.py), zero
+    # where a caption has no word of a group; None without `hard_negative_words`.
     negatives: torch.Tensor | None = None
 
     @classmethod
@@ -59,18 +59,20 @@ class CaptionedFeatures:
         features: CachedFeatures,
         text_cache: TextCache,
         hard_negative_words: list[list[str]] | None = None,
+        negatives_per_group: int = 1,
     ) -> CaptionedFeatures:
         counts = torch.tensor([len(pair.captions) for pair in features.pairs])
         texts = [caption for pair in features.pairs for caption in pair.captions]
         negatives = None
         if hard_negative_words:
-            edited = [caption for row in hard_negatives(texts, hard_negative_words) for caption in row]
+            rows = hard_negatives(texts, hard_negative_words, per_group=negatives_per_group)
+            edited = [caption for row in rows for caption in row]
             present = torch.tensor([caption is not None for caption in edited])
             negatives = torch.zeros(len(edited), text_cache.tower.embed_dim)
             negatives[present] = F.normalize(
                 text_cache.embeddings([c for c in edited if c is not None]), dim=-1
             )
-            negatives = negatives.view(len(texts), len(hard_negative_words), -1)
+            negatives = negatives.view(len(texts), len(hard_negative_words) * negatives_per_group, -1)
         return cls(
             features,
             F.normalize(text_cache.embeddings(texts), dim=-1),

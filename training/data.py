@@ -77,6 +77,15 @@ def synthetic_pairs(count: int, seed: int = 0, start: int = 0, distinct: bool = 
     ]
 
 
+def synthetic_object_phrases(count: int, seed: int = 0, start: int = 0) -> list[Pair]:
+    """Scenes with their objects' phrases as captions ("a small red circle in the top left"), one per
+    object: finer-grained text than whole captions (training/prealign.py matches visual tokens to them)."""
+    return [
+        Pair(scene, [obj.phrase for obj in scene.objects], f"synthetic:{seed}:{scene.key.rsplit('/', 1)[1]}")
+        for scene in SyntheticWorld(seed).scenes(start, count)
+    ]
+
+
 def held_out_split(pairs: list[Pair], held_out: float, seed: int) -> tuple[list[Pair], list[Pair]]:
     """(train, held-out): a seeded shuffle, then `held_out` pairs (a count, or a fraction if < 1) aside."""
     count = round(len(pairs) * held_out) if held_out < 1 else int(held_out)

@@ -47,9 +47,25 @@ def swap_words(caption: str, group: Sequence[str], rng: np.random.Generator) -> 
 
 
 def hard_negatives(
-    captions: Sequence[str], groups: Sequence[Sequence[str]], seed: int = 0
+    captions: Sequence[str], groups: Sequence[Sequence[str]], seed: int = 0, per_group: int = 1
 ) -> list[list[str | None]]:
-    """For each caption, one negative per group: `swap_words`, None where it uses no word of the group."""
+    """For each caption, `per_group` different negatives per group (`swap_words` drawn until that many
+    differ), group after group; None where the caption uses no word of the group, or has fewer swaps."""
     groups = check_word_groups(groups)
     rng = np.random.default_rng(seed)
-    return [[swap_words(caption, group, rng) for group in groups] for caption in captions]
+    rows = []
+    for caption in captions:
+        row: list[str | None] = []
+        for group in groups:
+            drawn: list[str] = []
+            for _ in range(8 * per_group):  # with per_group 1, exactly one draw
+                negative = swap_words(caption, group, rng)
+                if negative is None:
+                    break
+                if negative not in drawn:
+                    drawn.append(negative)
+                if len(drawn) == per_group:
+                    break
+            row += drawn + [None] * (per_group - len(drawn))
+        rows.append(row)
+    return rows
