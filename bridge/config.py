@@ -172,8 +172,14 @@ class VLMTrainConfig:
     # adapters on conversations. 0: the projector and the whole LLM (only for the demo's tiny LLM trained
     # from scratch, which has no language yet).
     stage: int = 2
+    # Keep the projector as it is (e.g. pre-aligned to a text tower, training/prealign.py) and train only
+    # the LLM side of the stage: the whole LLM in stage 0, the LoRA adapters in stage 2.
+    freeze_projector: bool = False
     steps: int = 1000
     batch_size: int = 32
+    # LLaVA's group_by_length: batches of conversations of similar length, so fewer padding tokens are
+    # computed (measured on the demo's questions and captions: see README, "The offline demo").
+    group_by_length: bool = False
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 50

@@ -23,7 +23,15 @@ from tests.conftest import TINY_DINOV2
 from tests.test_recipes import DINOV2_PROCESSOR
 from tests.test_vlm import TINY_LLAMA, tiny_vlm, tiny_vlm_config
 from training.data import DataError, load_conversations, synthetic_conversations
-from training.vlm import IGNORE, ConversationData, encode_conversation, fit_vlm, frozen_state, training_batch
+from training.vlm import (
+    IGNORE,
+    ConversationData,
+    batch_indices,
+    encode_conversation,
+    fit_vlm,
+    frozen_state,
+    training_batch,
+)
 
 
 @pytest.fixture(scope="module")
@@ -224,3 +232,15 @@ def test_vlm_recipe_names_real_checkpoints_and_runs_on_stand_ins(tmp_path, monke
         again = reloaded(batch["input_ids"], batch["attention_mask"], batch["visual_tokens"]).logits
     assert torch.equal(logits, again)  # the grown embedding rows are rebuilt the same way
     assert not (tmp_path / "saved" / "llm").exists()  # a named LLM is not copied, only its adapter
+
+
+def test_grouping_by_length_keeps_every_conversation_once_an_epoch_in_batches_of_like_length():
+    lengths = tuple([10] * 300 + [60] * 100)  # questions and a quarter of long captions
+    config = VLMTrainConfig(batch_size=8, seed=3)
+    epoch = [batch_indices(len(lengths), config, step, lengths) for step in range(50)]
+    assert sorted(torch.cat(epoch).tolist()) == list(range(400))
+    mixed = sum(len({lengths[i] for i in batch.tolist()}) > 1 for batch in epoch)
+    assert mixed <= 2, f"{mixed} of 50 batches mix short and long conversations"
+    plain = [batch_indices(len(lengths), config, step) for step in range(50)]
+    assert sum(len({lengths[i] for i in batch.tolist()}) > 1 for batch in plain) > 30
+    assert not torch.equal(epoch[0], batch_indices(len(lengths), config, 50, lengths))  # a new epoch

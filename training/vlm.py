@@ -12,6 +12,7 @@ Not here: the model (bridge/vlm.py), data parsing (data.py), the demo (vlm_demo.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
@@ -141,17 +142,22 @@ class TrainableParts(nn.Module):
         )
 
 
-def set_stage(model: VisionLLM, stage: int) -> None:
-    """Freeze and unfreeze for a stage: 0 projector + whole LLM, 1 projector, 2 projector + LoRA."""
+def set_stage(model: VisionLLM, stage: int, freeze_projector: bool = False) -> None:
+    """Freeze and unfreeze for a stage: 0 projector + whole LLM, 1 projector, 2 projector + LoRA; with
+    `freeze_projector`, the same without the projector."""
     if stage not in (0, 1, 2):
         raise ConfigError(f"train.stage {stage} is not 0 (tiny LLM from scratch), 1 (projector) or 2 (LoRA)")
     if stage == 2 and not isinstance(model.llm, peft.PeftModel):
         model.add_lora(model.config.lora)
+    if stage == 1 and freeze_projector:
+        raise ConfigError(
+            "stage 1 trains the projector alone; train.freeze_projector leaves nothing to train"
+        )
     if stage == 0 and isinstance(model.llm, peft.PeftModel):
         raise ConfigError("stage 0 trains the whole LLM; start it from a model without LoRA adapters")
     for name, parameter in model.llm.named_parameters():
         parameter.requires_grad_(stage == 0 or (stage == 2 and "lora_" in name))
-    model.projector.requires_grad_(True)
+    model.projector.requires_grad_(not freeze_projector)
 
 
 @dataclass
@@ -174,7 +180,7 @@ def fit_vlm(
     """Train for `config.steps` steps at `config.stage`; checkpoints under out_dir/checkpoints/."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    set_stage(model, config.stage)
+    set_stage(model, config.stage, config.freeze_projector)
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum
     )
@@ -192,13 +198,18 @@ def fit_vlm(
         total=config.steps,
         disable=not progress,
     )
+    lengths = None
+    if config.group_by_length:  # a placeholder counts as the visual tokens it expands to
+        extra = model.tokens_per_image() - 1
+        lengths = tuple(len(c.ids) + extra * len(c.image_rows) for c in data.conversations)
     model.train()
     try:
         for step in bar:
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(config, step)
             with accelerator.accumulate(trainable):
-                batch = training_batch(model, data, batch_indices(len(data.conversations), config, step))
+                indices = batch_indices(len(data.conversations), config, step, lengths)
+                batch = training_batch(model, data, indices)
                 with accelerator.autocast():
                     loss = model(**batch).loss
                 accelerator.backward(loss)
@@ -218,12 +229,47 @@ def fit_vlm(
     return VLMTrainResult(config.steps, losses, metrics, data.skipped)
 
 
-def batch_indices(count: int, config: VLMTrainConfig, step: int) -> torch.Tensor:
-    """Conversations of batch `step`: a fresh seeded permutation each epoch, a function of the step alone."""
+def batch_indices(
+    count: int, config: VLMTrainConfig, step: int, lengths: Sequence[int] | None = None
+) -> torch.Tensor:
+    """Conversations of batch `step`: a fresh seeded permutation each epoch, a function of the step alone.
+
+    With `lengths` (tokens per conversation), LLaVA's grouping by length: each run of LENGTH_GROUP
+    batches of the permutation is sorted by length before it is cut into batches, and the epoch's
+    batches come in a seeded order, so a batch pads to lengths like its own (a batch of questions does
+    not pay for one long caption) while every conversation is still seen once an epoch.
+    """
     batch_size = min(config.batch_size, count)
     epoch, position = divmod(step, count // batch_size)
-    order = torch.randperm(count, generator=torch.Generator().manual_seed(config.seed * 1_000_003 + epoch))
-    return order[position * batch_size : (position + 1) * batch_size]
+    if lengths is None:
+        order = _epoch_order(count, config.seed, epoch)
+        return order[position * batch_size : (position + 1) * batch_size]
+    return _grouped_batches(tuple(lengths), batch_size, config.seed, epoch)[position]
+
+
+LENGTH_GROUP = 64
+
+
+def _epoch_order(count: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(count, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+@functools.lru_cache(maxsize=2)
+def _grouped_batches(lengths: tuple[int, ...], batch_size: int, seed: int, epoch: int) -> torch.Tensor:
+    """(batches, batch_size): the epoch's permutation, sorted by length within each group of batches."""
+    per_epoch = len(lengths) // batch_size
+    order = _epoch_order(len(lengths), seed, epoch)[: per_epoch * batch_size]
+    size = torch.tensor(lengths)[order]
+    groups = []
+    for start in range(0, len(order), LENGTH_GROUP * batch_size):
+        chunk = slice(start, start + LENGTH_GROUP * batch_size)
+        groups.append(order[chunk][torch.argsort(size[chunk], stable=True)])
+    batches = torch.cat(groups).view(per_epoch, batch_size)
+    # a stream of its own: seed * 1_000_003 + epoch + 1 would be the next epoch's permutation
+    shuffle = torch.randperm(
+        per_epoch, generator=torch.Generator().manual_seed(2**40 + seed * 1_000_003 + epoch)
+    )
+    return batches[shuffle]
 
 
 def training_batch(model: VisionLLM, data: ConversationData, indices) -> dict[str, torch.Tensor]:
