@@ -178,7 +178,8 @@ class VLMTrainConfig:
     steps: int = 1000
     batch_size: int = 32
     # LLaVA's group_by_length: batches of conversations of similar length, so fewer padding tokens are
-    # computed (measured on the demo's questions and captions: see README, "The offline demo").
+    # computed. Where lengths cluster by kind it also makes batches of one kind, which can learn worse
+    # (the offline demo: 1.5x faster steps, held-out shape 0.81 against 0.94; README, "The offline demo").
     group_by_length: bool = False
     lr: float = 1e-3
     weight_decay: float = 0.0

@@ -241,6 +241,10 @@ def test_grouping_by_length_keeps_every_conversation_once_an_epoch_in_batches_of
     assert sorted(torch.cat(epoch).tolist()) == list(range(400))
     mixed = sum(len({lengths[i] for i in batch.tolist()}) > 1 for batch in epoch)
     assert mixed <= 2, f"{mixed} of 50 batches mix short and long conversations"
+    # lengths within one bucket keep their random order: kinds of the same length stay mixed
+    kinds = tuple([9] * 150 + [10] * 150 + [60] * 100)
+    grouped = [batch_indices(len(kinds), config, step, kinds) for step in range(50)]
+    assert sum(len({kinds[i] for i in batch.tolist()} - {60}) > 1 for batch in grouped) > 20
     plain = [batch_indices(len(lengths), config, step) for step in range(50)]
     assert sum(len({lengths[i] for i in batch.tolist()}) > 1 for batch in plain) > 30
     assert not torch.equal(epoch[0], batch_indices(len(lengths), config, 50, lengths))  # a new epoch

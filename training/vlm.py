@@ -234,10 +234,11 @@ def batch_indices(
 ) -> torch.Tensor:
     """Conversations of batch `step`: a fresh seeded permutation each epoch, a function of the step alone.
 
-    With `lengths` (tokens per conversation), LLaVA's grouping by length: each run of LENGTH_GROUP
-    batches of the permutation is sorted by length before it is cut into batches, and the epoch's
-    batches come in a seeded order, so a batch pads to lengths like its own (a batch of questions does
-    not pay for one long caption) while every conversation is still seen once an epoch.
+    With `lengths` (tokens per conversation), grouping by length as LLaVA does: each run of LENGTH_GROUP
+    batches of the permutation is sorted by length, rounded up to LENGTH_BUCKET tokens, before it is cut
+    into batches, and the epoch's batches come in a seeded order. A batch pads to lengths like its own (a
+    batch of questions does not pay for one long caption) and every conversation is still seen once an
+    epoch.
     """
     batch_size = min(config.batch_size, count)
     epoch, position = divmod(step, count // batch_size)
@@ -248,6 +249,10 @@ def batch_indices(
 
 
 LENGTH_GROUP = 64
+# Sorted by exact length, conversations of one kind end up in batches of their own (the demo's colour,
+# shape and position questions are 27, 28 and 26-27 tokens long), and training swung between kinds:
+# held-out shape 0.64 against 0.87. Within a bucket the order stays the epoch's random one.
+LENGTH_BUCKET = 8
 
 
 def _epoch_order(count: int, seed: int, epoch: int) -> torch.Tensor:
@@ -259,7 +264,7 @@ def _grouped_batches(lengths: tuple[int, ...], batch_size: int, seed: int, epoch
     """(batches, batch_size): the epoch's permutation, sorted by length within each group of batches."""
     per_epoch = len(lengths) // batch_size
     order = _epoch_order(len(lengths), seed, epoch)[: per_epoch * batch_size]
-    size = torch.tensor(lengths)[order]
+    size = (torch.tensor(lengths)[order] + LENGTH_BUCKET - 1) // LENGTH_BUCKET
     groups = []
     for start in range(0, len(order), LENGTH_GROUP * batch_size):
         chunk = slice(start, start + LENGTH_GROUP * batch_size)
