@@ -69,10 +69,15 @@ def load_pairs(spec: str, image_root: str | None = None) -> list[Pair]:
     return pairs
 
 
+def synthetic_origin(scene: Scene, seed: int) -> str:
+    """Where a synthetic scene comes from, for messages: the data spec and the scene's index."""
+    return f"synthetic:{seed}:{scene.key.rsplit('/', 1)[1]}"
+
+
 def synthetic_pairs(count: int, seed: int = 0, start: int = 0, distinct: bool = False) -> list[Pair]:
     world = SyntheticWorld(seed)
     return [
-        Pair(scene, scene.captions(SYNTHETIC_CAPTIONS), f"synthetic:{seed}:{scene.key.rsplit('/', 1)[1]}")
+        Pair(scene, scene.captions(SYNTHETIC_CAPTIONS), synthetic_origin(scene, seed))
         for scene in world.scenes(start, count, distinct=distinct)
     ]
 
@@ -81,7 +86,7 @@ def synthetic_object_phrases(count: int, seed: int = 0, start: int = 0) -> list[
     """Scenes with their objects' phrases as captions ("a small red circle in the top left"), one per
     object: finer-grained text than whole captions (training/prealign.py matches visual tokens to them)."""
     return [
-        Pair(scene, [obj.phrase for obj in scene.objects], f"synthetic:{seed}:{scene.key.rsplit('/', 1)[1]}")
+        Pair(scene, [obj.phrase for obj in scene.objects], synthetic_origin(scene, seed))
         for scene in SyntheticWorld(seed).scenes(start, count)
     ]
 
@@ -344,7 +349,7 @@ def synthetic_conversations(
         if not options:
             continue
         question, answer, kind = rng.choice(options)
-        origin = f"synthetic:{seed}:{scene.key.rsplit('/', 1)[1]}"
+        origin = synthetic_origin(scene, seed)
         conversations.append(
             Conversation(
                 [scene], [("user", f"{IMAGE_PLACEHOLDER}\n{question}"), ("assistant", answer)], origin, kind

@@ -33,6 +33,7 @@ from training.data import (
     Conversation,
     synthetic_conversations,
     synthetic_object_phrases,
+    synthetic_origin,
 )
 from training.prealign import prealign_projector
 from training.vlm import ConversationData, fit_vlm, frozen_state, standardise_projector_input
@@ -89,7 +90,7 @@ def every_question(
     scenes, start past any training index)."""
     conversations = []
     for scene in SyntheticWorld(seed).scenes(start, scenes):
-        origin = f"synthetic:{seed}:{scene.key.rsplit('/', 1)[1]}"
+        origin = synthetic_origin(scene, seed)
         for question, answer, kind in scene.questions():
             if kind not in kinds:
                 continue
@@ -125,14 +126,17 @@ def _run(out_dir: Path, settings: VLMDemoSettings, progress: bool) -> VLMDemoRes
     model = VisionLLM.from_config(config.vlm)
     cache = out_dir / "cache"
     tower = build_text_tower(TextConfig())  # the offline default: the real all-MiniLM-L6-v2
-    phrases = FeatureCache(cache, model.encoder).features(
+    phrase_features = FeatureCache(cache, model.encoder).features(
         synthetic_object_phrases(settings.base_scenes), progress=progress
     )
     # Every phrase against all three of its shape-swapped versions. The linear shape probe on pre-aligned
     # tokens (16,000 scenes, 6,000 steps) read 0.79 with one drawn swap, 0.81 with three drawn (repeats
     # allowed); the demo's settings with all three read 0.87 (0.38 before pre-alignment).
     phrases = CaptionedFeatures.build(
-        phrases, TextCache(cache, tower, progress), [list(SHAPES)], negatives_per_group=len(SHAPES) - 1
+        phrase_features,
+        TextCache(cache, tower, progress),
+        [list(SHAPES)],
+        negatives_per_group=len(SHAPES) - 1,
     )
     base = every_question(settings.base_scenes, start=0, kinds=ORIGINAL_KINDS)
     base += synthetic_conversations(settings.base_scenes, kinds=("caption",))
