@@ -295,6 +295,11 @@ def learning_rate(config: TrainConfig, step: int) -> float:
     return config.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def epoch_order(count: int, seed: int, epoch: int) -> torch.Tensor:
+    """The seeded permutation of `count` items for `epoch`: what makes batches a function of the step."""
+    return torch.randperm(count, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
 def sample_batch(
     data: CaptionedFeatures, config: TrainConfig, step: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -304,7 +309,7 @@ def sample_batch(
     batch_size = min(config.batch_size, count)
     per_epoch = count // batch_size
     epoch, position = divmod(step, per_epoch)
-    order = torch.randperm(count, generator=torch.Generator().manual_seed(config.seed * 1_000_003 + epoch))
+    order = epoch_order(count, config.seed, epoch)
     images = order[position * batch_size : (position + 1) * batch_size]
     pick = torch.Generator().manual_seed(config.seed * 1_000_003 + 7919 * step + 1)
     offsets = (torch.rand(batch_size, generator=pick) * data.caption_count[images]).long()

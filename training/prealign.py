@@ -1,8 +1,8 @@
 """Pre-aligning an LLM-route projector to a text tower, before any LLM reads its visual tokens.
 
 Trained only through an LLM's answer loss, a projector learns what the frozen encoder holds non-linearly
-(the offline encoder's shape) very slowly: the LLM must first learn to ask for it (README, "Why it learns
-slowly: shape"). The text route teaches the same thing cheaply, since a step costs the projector alone:
+(the offline encoder's shape) very slowly: the LLM must first learn to ask for it (README, "The offline
+demo": "What it took"). The text route teaches the same thing cheaply, since a step costs the projector alone:
 every visual token goes through a linear head into the frozen text tower's space, and dense_loss
 (training/losses.py) scores captions against the tokens that match them, with hard negatives
 (training/negatives.py) for the words the tokens must tell apart. After that the tokens already say what
