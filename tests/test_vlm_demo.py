@@ -1,6 +1,6 @@
 """The LLM route's offline demo, `dinobridge demo-vlm` (issue 4).
 
-The full run is marked slow (about 11 minutes on 2 cores): the default test run skips it, `.ci/run`
+The full run is marked slow (about 9.5 minutes on 2 cores): the default test run skips it, `.ci/run`
 runs it and asserts the demo's accuracy on held-out scenes. A tiny run in the default suite checks the
 demo's machinery.
 """

@@ -5,7 +5,9 @@ Tiny models from configs (tests/test_vlm.py) and data made in the test; a few st
 
 from __future__ import annotations
 
+import itertools
 import json
+import random
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +30,7 @@ from training.vlm import (
     ConversationData,
     batch_indices,
     encode_conversation,
+    fewest_padding_runs,
     fit_vlm,
     frozen_state,
     training_batch,
@@ -248,3 +251,43 @@ def test_grouping_by_length_keeps_every_conversation_once_an_epoch_in_batches_of
     plain = [batch_indices(len(lengths), config, step) for step in range(50)]
     assert sum(len({lengths[i] for i in batch.tolist()}) > 1 for batch in plain) > 30
     assert not torch.equal(epoch[0], batch_indices(len(lengths), config, 50, lengths))  # a new epoch
+
+
+def test_fewest_padding_runs_finds_the_cheapest_cuts():
+    def padded(sizes, runs):
+        return sum((end - start) * sizes[end - 1] for start, end in runs)
+
+    assert fewest_padding_runs([27] * 26 + [45, 48, 53], 2) == [(0, 26), (26, 29)]
+    assert fewest_padding_runs([5, 5, 5], 3) == [(0, 3)]  # one length: nothing to cut
+    rng = random.Random(0)
+    for _ in range(50):
+        sizes = sorted(rng.choice([3, 4, 9, 20, 21, 40]) for _ in range(rng.randint(1, 9)))
+        parts = rng.randint(1, 4)
+        runs = fewest_padding_runs(sizes, parts)
+        assert runs[0][0] == 0 and runs[-1][1] == len(sizes) and len(runs) <= parts
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(runs))
+        every_cut = (
+            [0, *cuts, len(sizes)]
+            for k in range(parts)
+            for cuts in itertools.combinations(range(1, len(sizes)), k)
+        )
+        least = min(padded(sizes, list(itertools.pairwise(cuts))) for cuts in every_cut)
+        assert padded(sizes, runs) == least
+
+
+def test_sub_batches_train_exactly_as_the_whole_padded_batch(tmp_path):
+    conversations = synthetic_conversations(12)  # captions and short questions: lengths differ
+    runs = []
+    for parts in (1, 3):
+        torch.manual_seed(0)
+        model = tiny_vlm()
+        data = ConversationData.prepare(model, conversations, tmp_path / "cache", progress=False)
+        config = VLMTrainConfig(stage=0, steps=4, batch_size=8, warmup_steps=1, checkpoint_every=0)
+        config.sub_batches = parts
+        runs.append((fit_vlm(model, data, None, config, tmp_path / f"run{parts}", progress=False), model))
+    (whole, whole_model), (split, split_model) = runs
+    assert split.losses == pytest.approx(whole.losses, abs=1e-5)
+    for (name, a), b in zip(
+        whole_model.llm.state_dict().items(), split_model.llm.state_dict().values(), strict=True
+    ):
+        assert torch.allclose(a, b, atol=1e-5), name

@@ -102,6 +102,10 @@ class ConversationData:
             raise DataError("no conversation has all its images readable; see the warnings above")
         return cls(encoded, features, skipped)
 
+    def lengths(self, tokens_per_image: int) -> tuple[int, ...]:
+        """Tokens per conversation, each image placeholder counted as the visual tokens it expands to."""
+        return tuple(len(c.ids) + (tokens_per_image - 1) * len(c.image_rows) for c in self.conversations)
+
 
 def encode_conversation(model: VisionLLM, turns: Sequence[tuple[str, str]]) -> tuple[list[int], list[int]]:
     """Token ids of the chat-templated conversation and labels that keep only the assistant's replies
@@ -182,6 +186,8 @@ def fit_vlm(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     set_stage(model, config.stage, config.freeze_projector)
+    if config.sub_batches < 1:
+        raise ConfigError(f"train.sub_batches is {config.sub_batches}; give 1 (whole batches) or more")
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum
     )
@@ -199,24 +205,20 @@ def fit_vlm(
         total=config.steps,
         disable=not progress,
     )
-    lengths = None
-    if config.group_by_length:  # a placeholder counts as the visual tokens it expands to
-        extra = model.tokens_per_image() - 1
-        lengths = tuple(len(c.ids) + extra * len(c.image_rows) for c in data.conversations)
+    lengths = data.lengths(model.tokens_per_image())
     model.train()
     try:
         for step in bar:
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(config, step)
             with accelerator.accumulate(trainable):
-                indices = batch_indices(len(data.conversations), config, step, lengths)
-                batch = training_batch(model, data, indices)
-                with accelerator.autocast():
-                    loss = model(**batch).loss
-                accelerator.backward(loss)
+                indices = batch_indices(
+                    len(data.conversations), config, step, lengths if config.group_by_length else None
+                )
+                loss = backward_batch(model, data, indices, lengths, config.sub_batches, accelerator)
                 optimizer.step()
                 optimizer.zero_grad()
-            losses.append(loss.item())
+            losses.append(loss)
             log_file.write(step + 1, losses[-1], learning_rate(config, step))
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
             done = step + 1
@@ -273,6 +275,66 @@ def _grouped_batches(lengths: tuple[int, ...], batch_size: int, seed: int, epoch
         per_epoch, generator=torch.Generator().manual_seed(2**40 + seed * 1_000_003 + epoch)
     )
     return batches[shuffle]
+
+
+def backward_batch(
+    model: VisionLLM,
+    data: ConversationData,
+    indices: torch.Tensor,
+    lengths: Sequence[int],
+    parts: int,
+    accelerator: Accelerator,
+) -> float:
+    """Forward and backward of the batch `indices` (gradients added to the trainable parameters') as at
+    most `parts` sub-batches; returns the batch's mean loss."""
+    loss = 0.0
+    for part, share in sub_batches(indices, lengths, parts, data):
+        with accelerator.autocast():
+            part_loss = model(**training_batch(model, data, part)).loss * share
+        accelerator.backward(part_loss)
+        loss += part_loss.item()
+    return loss
+
+
+def sub_batches(
+    indices: torch.Tensor, lengths: Sequence[int], parts: int, data: ConversationData
+) -> list[tuple[list[int], float]]:
+    """The batch `indices` as at most `parts` sub-batches of similar length, each with its share of the
+    batch's answer tokens.
+
+    A sub-batch pads only to its own longest conversation. Its mean loss times its share, summed over the
+    sub-batches, is the whole batch's mean loss, so the gradient is the same (to float rounding) for fewer
+    padding tokens computed.
+    """
+    if parts == 1:  # the batch as it was drawn
+        return [([int(i) for i in indices], 1.0)]
+    chosen = sorted((int(i) for i in indices), key=lambda i: lengths[i])
+    runs = [chosen[start:end] for start, end in fewest_padding_runs([lengths[i] for i in chosen], parts)]
+    # the loss is predicted at every position but the first, so a label there would not count
+    answers = [
+        sum(label != IGNORE for i in run for label in data.conversations[i].labels[1:]) for run in runs
+    ]
+    total = sum(answers) or 1
+    return [(run, count / total) for run, count in zip(runs, answers, strict=True) if count]
+
+
+def fewest_padding_runs(sizes: Sequence[int], parts: int) -> list[tuple[int, int]]:
+    """(start, end) of at most `parts` consecutive runs of the ascending `sizes` whose padded total (each
+    run padded to its last, longest, size) is least; cut only where the size changes, so a batch of a
+    few distinct lengths costs little to search."""
+    ends = [j for j in range(1, len(sizes)) if sizes[j] != sizes[j - 1]] + [len(sizes)]
+    # after k rounds, cost[e] is the least padded total of sizes[:ends[e]] in at most k + 1 runs
+    cost = [end * sizes[end - 1] for end in ends]
+    runs = [[(0, end)] for end in ends]
+    for _ in range(parts - 1):
+        next_cost, next_runs = list(cost), list(runs)
+        for e, end in enumerate(ends):
+            for b in range(e):
+                total = cost[b] + (end - ends[b]) * sizes[end - 1]
+                if total < next_cost[e]:
+                    next_cost[e], next_runs[e] = total, [*runs[b], (ends[b], end)]
+        cost, runs = next_cost, next_runs
+    return runs[-1]
 
 
 def training_batch(model: VisionLLM, data: ConversationData, indices) -> dict[str, torch.Tensor]:
