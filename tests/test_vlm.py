@@ -1,6 +1,6 @@
 """VisionLLM: splicing, several images and mixed batches, errors, LoRA save/load, and the LLaVA export.
 
-Everything runs on a tiny random DINOv2 and a tiny Llama built from configs with the project's
+Everything runs on a tiny random DINOv2 (and DINOv3) and a tiny Llama built from configs with the project's
 word-level tokenizer; nothing is downloaded. The export test loads the exported directory in a separate
 Python process that never imports dinobridge.
 """
@@ -35,8 +35,15 @@ TINY_LLAMA = {
 }
 
 
-def tiny_vlm_config(registers: int = 0, projector: str = "mlp", **projector_options) -> VisionLLMConfig:
-    architecture = dict(TINY_DINOV2)
+# DINOv3 as the facebook/dinov3-* checkpoints are built (4 registers, RoPE), but with 14-pixel patches so
+# that the 56-pixel scenes are taken at the encoder's own size (the export's logits match exactly there).
+TINY_DINOV3 = TINY_DINOV2 | {"model_type": "dinov3_vit", "num_register_tokens": 4}
+
+
+def tiny_vlm_config(
+    registers: int = 0, projector: str = "mlp", encoder: dict | None = None, **projector_options
+) -> VisionLLMConfig:
+    architecture = dict(encoder or TINY_DINOV2)
     if registers:
         architecture |= {"model_type": "dinov2_with_registers", "num_register_tokens": registers}
     return VisionLLMConfig(
@@ -46,9 +53,11 @@ def tiny_vlm_config(registers: int = 0, projector: str = "mlp", **projector_opti
     )
 
 
-def tiny_vlm(registers: int = 0, lora: bool = False, projector: str = "mlp") -> VisionLLM:
+def tiny_vlm(
+    registers: int = 0, lora: bool = False, projector: str = "mlp", encoder: dict | None = None
+) -> VisionLLM:
     """A tiny VisionLLM whose projector (and LoRA, if any) are random, not zero, so they matter."""
-    model = VisionLLM.from_config(tiny_vlm_config(registers, projector))
+    model = VisionLLM.from_config(tiny_vlm_config(registers, projector, encoder))
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for parameter in model.projector.parameters():
@@ -92,6 +101,7 @@ def test_placeholder_is_one_token_and_expands_to_the_visual_tokens(model, scenes
 def test_registers_stay_in_the_default_strategy_and_cls_only_in_full():
     with_registers = tiny_vlm(registers=4)
     assert with_registers.tokens_per_image() == 4 + 16
+    assert tiny_vlm(encoder=TINY_DINOV3).tokens_per_image() == 4 + 16  # DINOv3 carries 4 registers
     config = tiny_vlm_config(registers=4)
     config.select_strategy = "full"
     assert VisionLLM.from_config(config).tokens_per_image() == 1 + 4 + 16
@@ -194,11 +204,12 @@ def test_lora_lands_only_in_the_llm_and_round_trips_in_peft_format(tmp_path, sce
     assert torch.equal(before, after)
 
 
-EXPORT_CASES = {
-    "dinov2": (0, False),
-    "dinov2+lora": (0, True),
-    "registers": (4, False),
-    "registers+lora": (4, True),
+EXPORT_CASES = {  # name: (registers, LoRA, encoder architecture)
+    "dinov2": (0, False, TINY_DINOV2),
+    "dinov2+lora": (0, True, TINY_DINOV2),
+    "registers": (4, False, TINY_DINOV2),
+    "registers+lora": (4, True, TINY_DINOV2),
+    "dinov3+lora": (0, True, TINY_DINOV3),
 }
 
 
@@ -207,8 +218,8 @@ def test_export_gives_the_same_logits_in_plain_transformers(tmp_path, scenes):
     image_path = tmp_path / "scene.png"
     scenes[0].save(image_path)
     cases = {}
-    for name, (registers, lora) in EXPORT_CASES.items():
-        model = tiny_vlm(registers=registers, lora=lora)
+    for name, (registers, lora, encoder) in EXPORT_CASES.items():
+        model = tiny_vlm(registers=registers, lora=lora, encoder=encoder)
         prompt = model.chat_prompt("what colour is the star ?", 1)
         logits, _ = logits_of(model, [prompt], [[scenes[0]]])
         export_llava(model, tmp_path / name)
