@@ -282,8 +282,9 @@ def test_sub_batches_train_exactly_as_the_whole_padded_batch(tmp_path):
         torch.manual_seed(0)
         model = tiny_vlm()
         data = ConversationData.prepare(model, conversations, tmp_path / "cache", progress=False)
-        config = VLMTrainConfig(stage=0, steps=4, batch_size=8, warmup_steps=1, checkpoint_every=0)
-        config.sub_batches = parts
+        config = VLMTrainConfig(
+            stage=0, steps=4, batch_size=8, warmup_steps=1, checkpoint_every=0, sub_batches=parts
+        )
         runs.append((fit_vlm(model, data, None, config, tmp_path / f"run{parts}", progress=False), model))
     (whole, whole_model), (split, split_model) = runs
     assert split.losses == pytest.approx(whole.losses, abs=1e-5)

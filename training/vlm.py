@@ -4,7 +4,8 @@ fits the projector and LoRA adapters on the LLM on conversations. The loss count
 The encoder is frozen, so its features come from the feature cache (training/cache.py) and a step costs
 the projector and the LLM. Batches are a pure function of (seed, step) and checkpoints hold only the
 trained tensors and the optimiser state in safetensors, as in the text route (whose learning-rate
-schedule and checkpoint helpers this reuses), so `--resume` continues the same loss curve. Stage 0
+schedule and checkpoint helpers this reuses), so `--resume` continues the same loss curve. A batch can
+run as sub-batches of similar length (`train.sub_batches`): the same gradient, less padding. Stage 0
 trains the whole LLM with the projector: only for the demo's tiny LLM, which starts with no language.
 
 Not here: the model (bridge/vlm.py), data parsing (data.py), the demo (vlm_demo.py).
