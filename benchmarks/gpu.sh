@@ -14,3 +14,6 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out
 python benchmarks/encode_throughput.py --encoder vit-b14 --batch-size 256 --compile | tee "$out/encode.txt"
 # Folder of 640x480 JPEGs to index: nvJPEG decoding, bf16 encoder, 15 CPU workers for the rest.
 python benchmarks/index_throughput.py --encoder vit-b14 --n 20000 --workers 15 | tee "$out/index.txt"
+# LLM route: visual tokens and prefill with a Qwen2-0.5B-shaped LLM in bf16, mlp vs 2x2 patch merge.
+python benchmarks/vlm_prefill.py --device cuda --dtype bf16 --encoder vit-b14 --llm qwen2-0.5b --batch 32 \
+    | tee "$out/vlm_prefill.txt"
