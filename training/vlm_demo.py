@@ -122,7 +122,7 @@ def _run(out_dir: Path, settings: VLMDemoSettings, progress: bool) -> VLMDemoRes
     # learnt shape worse (held-out 0.81 after 4,000 steps against 0.94 after 3,000 mixed).
     config.train.group_by_length = False
     # Instead each batch runs as two sub-batches, the questions apart from the captions (about 1.6x as
-    # long): the same gradient, 1.4x faster steps (benchmarks/vlm_sub_batches.py); 671 s -> 560 s in all.
+    # long): the same gradient, 1.4x faster steps (benchmarks/vlm_sub_batches.py); 671 s -> 566 s in all.
     config.train.sub_batches = 2
     config.train.checkpoint_every = 0
     torch.manual_seed(config.train.seed)
