@@ -286,8 +286,8 @@ def backward_batch(
     parts: int,
     accelerator: Accelerator,
 ) -> float:
-    """Forward and backward of the batch `indices` (gradients added to the trainable parameters') as at
-    most `parts` sub-batches; returns the batch's mean loss."""
+    """Forward and backward passes of the batch `indices`, as at most `parts` sub-batches (sub_batches),
+    their gradients adding up in the trainable parameters; returns the batch's mean loss."""
     loss = 0.0
     for part, share in sub_batches(indices, lengths, parts, data):
         with accelerator.autocast():
