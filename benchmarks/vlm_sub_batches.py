@@ -21,11 +21,9 @@ import time
 import torch
 from accelerate import Accelerator
 
-from bridge.config import VLMRunConfig
 from bridge.vlm import VisionLLM
-from training.data import synthetic_conversations
 from training.vlm import ConversationData, backward_batch, batch_indices, set_stage, sub_batches
-from training.vlm_demo import ORIGINAL_KINDS, every_question
+from training.vlm_demo import VLMDemoSettings, base_conversations, demo_config
 
 
 def main() -> None:
@@ -38,16 +36,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    config = VLMRunConfig()
-    config.vlm.projector.kind = "patch-merge"
-    config.vlm.llm.architecture["num_hidden_layers"] = 3
-    config.train.batch_size = args.batch
-    torch.manual_seed(0)
+    config = demo_config(VLMDemoSettings(batch_size=args.batch))
+    torch.manual_seed(config.train.seed)
     model = VisionLLM.from_config(config.vlm)
-    conversations = every_question(args.scenes, start=0, kinds=ORIGINAL_KINDS)
-    conversations += synthetic_conversations(args.scenes, kinds=("caption",))
     with tempfile.TemporaryDirectory() as cache:
-        data = ConversationData.prepare(model, conversations, cache, progress=False)
+        data = ConversationData.prepare(model, base_conversations(args.scenes), cache, progress=False)
     set_stage(model, 0, freeze_projector=True)  # as the demo trains stage 0
     model.to(args.device).train()
     accelerator = Accelerator(cpu=args.device == "cpu")

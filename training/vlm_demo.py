@@ -109,9 +109,8 @@ def run_vlm_demo(
         torch.set_num_threads(threads)
 
 
-def _run(out_dir: Path, settings: VLMDemoSettings, progress: bool) -> VLMDemoResult:
-    seconds: dict[str, float] = {}
-    start = time.perf_counter()
+def demo_config(settings: VLMDemoSettings) -> VLMRunConfig:
+    """The demo's model and batches (its stages set their own steps and learning rates)."""
     config = VLMRunConfig()
     # The 2x2 patch merge: 16 visual tokens a scene instead of 64, which more than halves every step on
     # a CPU. (It cannot be exported to LLaVA; the notebook and tests export the 'mlp' default.)
@@ -125,6 +124,20 @@ def _run(out_dir: Path, settings: VLMDemoSettings, progress: bool) -> VLMDemoRes
     # long): the same gradient, 1.4x faster steps (benchmarks/vlm_sub_batches.py); 671 s -> 566 s in all.
     config.train.sub_batches = 2
     config.train.checkpoint_every = 0
+    return config
+
+
+def base_conversations(scenes: int) -> list[Conversation]:
+    """Stage 0's set: every colour, shape and position question of each scene, and a caption of it."""
+    return every_question(scenes, start=0, kinds=ORIGINAL_KINDS) + synthetic_conversations(
+        scenes, kinds=("caption",)
+    )
+
+
+def _run(out_dir: Path, settings: VLMDemoSettings, progress: bool) -> VLMDemoResult:
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    config = demo_config(settings)
     torch.manual_seed(config.train.seed)
     model = VisionLLM.from_config(config.vlm)
     cache = out_dir / "cache"
@@ -141,9 +154,7 @@ def _run(out_dir: Path, settings: VLMDemoSettings, progress: bool) -> VLMDemoRes
         [list(SHAPES)],
         negatives_per_group=len(SHAPES) - 1,
     )
-    base = every_question(settings.base_scenes, start=0, kinds=ORIGINAL_KINDS)
-    base += synthetic_conversations(settings.base_scenes, kinds=("caption",))
-    base = ConversationData.prepare(model, base, cache, progress=progress)
+    base = ConversationData.prepare(model, base_conversations(settings.base_scenes), cache, progress=progress)
     # Counting-only scenes, then the same number with any kind: the new skill plus a replay of the old.
     half = settings.lora_scenes // 2
     lora_set = synthetic_conversations(half, start=10**6, kinds=(NEW_KIND,))
