@@ -25,7 +25,8 @@ import torch
 from bridge.config import RunConfig
 from bridge.model import TextBridge
 from bridge.synthetic import SyntheticWorld
-from training.align import AlignmentData, TrainableHead, learning_rate, sample_batch
+from training.align import AlignmentData, TrainableHead, sample_batch
+from training.loop import learning_rate
 from training.losses import infonce_loss
 
 

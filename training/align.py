@@ -1,9 +1,9 @@
 """Text-route training: fit a bridge's projector to a frozen text tower on image-caption pairs.
 
 The encoder and the tower are frozen, so their outputs are computed once (training/cache.py) and every
-step costs the projector alone. Batches are a pure function of (seed, step), which is what makes
-`resume` continue the very same loss curve. Checkpoints hold only the trained tensors and the optimiser
-state, in safetensors, never a pickle. `accelerate` picks the device and mixed precision.
+step costs the projector alone. Batches are a pure function of (seed, micro-batch number), which is what
+makes `resume` continue the very same loss curve. This file is the step body: what one batch computes;
+the training loop around it (optimiser, schedule, accumulation, log, checkpoints, resume) is loop.py.
 
 Not here: the model (bridge/model.py), data parsing (data.py), metrics (evaluate.py).
 """
@@ -12,32 +12,25 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from safetensors.torch import save_file
 from torch import nn
-from tqdm.auto import tqdm
 
-from bridge.config import ConfigError, RunConfig, TrainConfig, to_dict
-from bridge.model import TextBridge, read_safetensors
-from bridge.runtime import cpu_only, encode_settings, processes
+from bridge.config import ConfigError, RunConfig, TrainConfig
+from bridge.model import TextBridge
+from bridge.runtime import encode_settings, processes
 from training.cache import CachedFeatures, FeatureCache, TextCache
 from training.data import held_out_split, load_pairs, parse_synthetic_spec, synthetic_pairs
 from training.evaluate import retrieval_recall
+from training.loop import check_resume, epoch_order, run_loop, run_settings, write_run_config
 from training.losses import LOSSES, dense_loss
 from training.negatives import hard_negatives
 
 log = logging.getLogger(__name__)
-
-CHECKPOINTS = "checkpoints"
-RUN_CONFIG = "run_config.json"
 
 
 @dataclass
@@ -172,97 +165,49 @@ def fit(
     resume: bool = False,
     progress: bool = True,
 ) -> TrainResult:
-    """Train `bridge.projector` for `config.steps` steps; checkpoints under out_dir/checkpoints/."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Train `bridge.projector` for `config.steps` steps through the training loop (loop.py);
+    checkpoints under out_dir/checkpoints/."""
     if config.loss not in LOSSES:
         raise ConfigError(f"unknown loss '{config.loss}'; choose one of {', '.join(LOSSES)}")
-    accelerator = Accelerator(
-        mixed_precision=config.mixed_precision,
-        gradient_accumulation_steps=config.grad_accum,
-        cpu=cpu_only(),  # as runtime.processes(): N CPU processes join with gloo
-    )
-    rank, world = accelerator.process_index, accelerator.num_processes
-    head = TrainableHead(bridge, config.loss)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    start = _load_checkpoint(out_dir, head, optimizer) if resume else 0
-    head, optimizer = accelerator.prepare(head, optimizer)
     loss_fn = LOSSES[config.loss]
-    losses: list[float] = []
-    main = accelerator.is_main_process  # under `accelerate launch`, the one that writes files
-    log_file = TrainLog(out_dir, start, main)
-    bar = tqdm(
-        range(start, config.steps),
-        desc="training",
-        initial=start,
-        total=config.steps,
-        disable=not (progress and main),
-    )
-    head.train()
-    try:
-        for step in bar:
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(config, step)
-            with accelerator.accumulate(head):
-                images, rows = sample_batch(data.train, config, step)
-                texts = data.train.captions[rows].to(accelerator.device)
-                with accelerator.autocast():
-                    # Each process embeds its slice of the global batch; the losses see the whole batch.
-                    features = data.train.features[_slice(images, rank, world)].to(accelerator.device)
-                    if config.dense_weight:
-                        embeddings, patches = head(features, with_patches=True)
-                        patches = gather_with_gradient(patches) if world > 1 else patches
-                    else:
-                        embeddings = head(features)
-                    embeddings = gather_with_gradient(embeddings) if world > 1 else embeddings
-                    unwrapped = accelerator.unwrap_model(head)
-                    args = (
-                        (unwrapped.logit_scale,)
-                        if config.loss == "infonce"
-                        else (unwrapped.logit_scale, unwrapped.logit_bias)
-                    )
-                    negatives = data.train.negatives
-                    negatives = None if negatives is None else negatives[rows].to(accelerator.device)
-                    loss = loss_fn(embeddings.float(), texts, *args, negatives)
-                    if config.dense_weight:  # grounding: captions against patches (losses.dense_loss)
-                        dense = dense_loss(patches.float(), texts, unwrapped.logit_scale, negatives)
-                        loss = loss + config.dense_weight * dense
-                accelerator.backward(loss)
-                optimizer.step()
-                optimizer.zero_grad()
-            losses.append(loss.item())
-            log_file.write(step + 1, losses[-1], learning_rate(config, step))
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-            done = step + 1
-            if config.eval_every and done % config.eval_every == 0 and done < config.steps:
-                metrics = evaluate_alignment(bridge, data.held_out)
-                log.info("step %d: held-out text->image R@1 %.3f", done, metrics["text_to_image_R@1"])
-            if config.checkpoint_every and done % config.checkpoint_every == 0 and main:
-                _save_checkpoint(out_dir, accelerator.unwrap_model(head), optimizer, done)
-    finally:  # an interrupted run still closes its log with a line per step it ran
-        log_file.close()
-        bar.close()
+
+    def micro_step(accelerator: Accelerator, head: nn.Module, batch: int) -> float:
+        rank, world = accelerator.process_index, accelerator.num_processes
+        images, rows = sample_batch(data.train, config, batch)
+        texts = data.train.captions[rows].to(accelerator.device)
+        with accelerator.autocast():
+            # Each process embeds its slice of the global batch; the losses see the whole batch.
+            features = data.train.features[_slice(images, rank, world)].to(accelerator.device)
+            if config.dense_weight:
+                embeddings, patches = head(features, with_patches=True)
+                patches = gather_with_gradient(patches) if world > 1 else patches
+            else:
+                embeddings = head(features)
+            embeddings = gather_with_gradient(embeddings) if world > 1 else embeddings
+            unwrapped = accelerator.unwrap_model(head)
+            args = (
+                (unwrapped.logit_scale,)
+                if config.loss == "infonce"
+                else (unwrapped.logit_scale, unwrapped.logit_bias)
+            )
+            negatives = data.train.negatives
+            negatives = None if negatives is None else negatives[rows].to(accelerator.device)
+            loss = loss_fn(embeddings.float(), texts, *args, negatives)
+            if config.dense_weight:  # grounding: captions against patches (losses.dense_loss)
+                dense = dense_loss(patches.float(), texts, unwrapped.logit_scale, negatives)
+                loss = loss + config.dense_weight * dense
+        accelerator.backward(loss)
+        return loss.item()
+
+    def after_step(done: int) -> None:
+        if config.eval_every and done % config.eval_every == 0 and done < config.steps:
+            metrics = evaluate_alignment(bridge, data.held_out)
+            log.info("step %d: held-out text->image R@1 %.3f", done, metrics["text_to_image_R@1"])
+
+    head = TrainableHead(bridge, config.loss).train()
+    losses = run_loop(head, micro_step, config, out_dir, resume, progress, "training", after_step)
     metrics = evaluate_alignment(bridge, data.held_out)
     return TrainResult(config.steps, losses, metrics, data.skipped)
-
-
-class TrainLog:
-    """`train_log.jsonl`, a line per optimiser step. Opened at `start`, it first drops the lines a killed
-    run wrote past its last checkpoint, so a resumed run logs each step once. Only the process that
-    `writes` (the main one under `accelerate launch`) touches the file."""
-
-    def __init__(self, out_dir: Path, start: int, writes: bool = True):
-        path = out_dir / "train_log.jsonl"
-        if writes and path.exists():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= start]
-            path.write_text("".join(line + "\n" for line in kept))
-        self.file = path.open("a") if writes else open(os.devnull, "w")
-
-    def write(self, step: int, loss: float, lr: float) -> None:
-        self.file.write(json.dumps({"step": step, "loss": loss, "lr": lr}) + "\n")
-
-    def close(self) -> None:
-        self.file.close()
 
 
 def gather_with_gradient(local: torch.Tensor) -> torch.Tensor:
@@ -287,31 +232,18 @@ def _slice(images: torch.Tensor, rank: int, world: int) -> torch.Tensor:
     return images.view(world, -1)[rank]
 
 
-def learning_rate(config: TrainConfig, step: int) -> float:
-    """Linear warm-up, then cosine decay to zero: a function of the step alone, so resuming is exact."""
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    return config.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def epoch_order(count: int, seed: int, epoch: int) -> torch.Tensor:
-    """The seeded permutation of `count` items for `epoch`: what makes batches a function of the step."""
-    return torch.randperm(count, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-
-
 def sample_batch(
-    data: CaptionedFeatures, config: TrainConfig, step: int
+    data: CaptionedFeatures, config: TrainConfig, batch: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batch `step`: (image indices, the row of one caption of each in `data.captions`). Images come in a
-    fresh seeded permutation each epoch, each with one of its captions picked at random."""
+    """Micro-batch number `batch`: (image indices, the row of one caption of each in `data.captions`).
+    Images come in a fresh seeded permutation each epoch, each with one of its captions picked at random."""
     count = len(data.features)
     batch_size = min(config.batch_size, count)
     per_epoch = count // batch_size
-    epoch, position = divmod(step, per_epoch)
+    epoch, position = divmod(batch, per_epoch)
     order = epoch_order(count, config.seed, epoch)
     images = order[position * batch_size : (position + 1) * batch_size]
-    pick = torch.Generator().manual_seed(config.seed * 1_000_003 + 7919 * step + 1)
+    pick = torch.Generator().manual_seed(config.seed * 1_000_003 + 7919 * batch + 1)
     offsets = (torch.rand(batch_size, generator=pick) * data.caption_count[images]).long()
     return images, data.first_caption[images] + offsets
 
@@ -341,23 +273,12 @@ def train_text_bridge(
 ) -> tuple[TextBridge, TrainResult]:
     """The whole `dinobridge train`: build, cache, fit, save the bridge to out_dir."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    saved_config = out_dir / RUN_CONFIG
-    if resume and saved_config.exists():
-        previous = json.loads(saved_config.read_text())
-        if previous != json.loads(json.dumps(to_dict(config))):
-            raise ConfigError(
-                f"--resume with a config that differs from the one in '{saved_config}'; use the same"
-            )
+    settings = run_settings(config, data, image_root)
+    check_resume(out_dir, settings, resume)
     # Under `accelerate launch`, the main process fills the caches and owns the files; the others wait,
     # then read the caches it filled.
     state = processes()
     with state.main_process_first():
-        if state.is_main_process:
-            if not resume:
-                shutil.rmtree(out_dir / CHECKPOINTS, ignore_errors=True)
-                (out_dir / "train_log.jsonl").unlink(missing_ok=True)
-            saved_config.write_text(json.dumps(to_dict(config), indent=2))
         torch.manual_seed(config.train.seed)
         bridge = TextBridge.from_config(config.bridge)
         # The cache fill runs the encoder on this process's device (a GPU when there is one), in float32
@@ -367,50 +288,11 @@ def train_text_bridge(
         alignment = AlignmentData.prepare(
             bridge, data, config.train, cache_dir, image_root, progress and state.is_main_process
         )
+        if state.is_main_process:
+            write_run_config(out_dir, settings)
     result = fit(bridge, alignment, config.train, out_dir, resume=resume, progress=progress)
     if state.is_main_process:
         bridge.save_pretrained(out_dir)
         (out_dir / "metrics.json").write_text(json.dumps(result.metrics, indent=2))
     state.wait_for_everyone()
     return bridge, result
-
-
-def _save_checkpoint(out_dir: Path, head: TrainableHead, optimizer: torch.optim.Optimizer, step: int) -> None:
-    directory = out_dir / CHECKPOINTS / f"step-{step:07d}"
-    temporary = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir(parents=True)
-    save_file(
-        {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
-        temporary / "head.safetensors",
-    )
-    state = optimizer.state_dict()
-    tensors = {
-        f"{index}.{name}": value.detach().cpu().contiguous()
-        for index, values in state["state"].items()
-        for name, value in values.items()
-    }
-    save_file(tensors, temporary / "optimizer.safetensors")
-    (temporary / "trainer_state.json").write_text(
-        json.dumps({"step": step, "param_groups": state["param_groups"]})
-    )
-    shutil.rmtree(directory, ignore_errors=True)
-    temporary.rename(directory)
-
-
-def _load_checkpoint(out_dir: Path, head: TrainableHead, optimizer: torch.optim.Optimizer) -> int:
-    """Restore the newest checkpoint; returns its step (0 when there is none to resume from)."""
-    checkpoints = sorted((out_dir / CHECKPOINTS).glob("step-???????"))
-    if not checkpoints:
-        log.warning("--resume: no checkpoint in '%s'; starting from step 0", out_dir / CHECKPOINTS)
-        return 0
-    latest = checkpoints[-1]
-    head.load_state_dict(read_safetensors(latest / "head.safetensors"))
-    trainer_state = json.loads((latest / "trainer_state.json").read_text())
-    per_parameter: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in read_safetensors(latest / "optimizer.safetensors").items():
-        index, name = key.split(".", 1)
-        per_parameter.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": per_parameter, "param_groups": trainer_state["param_groups"]})
-    log.info("resumed from %s", latest)
-    return trainer_state["step"]

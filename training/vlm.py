@@ -2,11 +2,11 @@
 fits the projector and LoRA adapters on the LLM on conversations. The loss counts answer tokens only.
 
 The encoder is frozen, so its features come from the feature cache (training/cache.py) and a step costs
-the projector and the LLM. Batches are a pure function of (seed, step) and checkpoints hold only the
-trained tensors and the optimiser state in safetensors, as in the text route (whose learning-rate
-schedule and checkpoint helpers this reuses), so `--resume` continues the same loss curve. A batch can
-run as sub-batches of similar length (`train.sub_batches`): the same gradient, less padding. Stage 0
-trains the whole LLM with the projector: only for the demo's tiny LLM, which starts with no language.
+the projector and the LLM. Batches are a pure function of (seed, micro-batch number); the training loop
+around the step body here (optimiser, schedule, accumulation, log, checkpoints, resume) is loop.py, the
+same as the text route's, so `--resume` continues the same loss curve. A batch can run as sub-batches
+of similar length (`train.sub_batches`): the same gradient, less padding. Stage 0 trains the whole LLM
+with the projector: only for the demo's tiny LLM, which starts with no language.
 
 Not here: the model (bridge/vlm.py), data parsing (data.py), the demo (vlm_demo.py).
 """
@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,20 +25,11 @@ import peft
 import torch
 from accelerate import Accelerator
 from torch import nn
-from tqdm.auto import tqdm
 
-from bridge.config import ConfigError, VLMRunConfig, VLMTrainConfig, to_dict
+from bridge.config import ConfigError, VLMRunConfig, VLMTrainConfig
+from bridge.runtime import processes
 from bridge.vision import VisionFeatures
 from bridge.vlm import VisionLLM, pad
-from training.align import (
-    CHECKPOINTS,
-    RUN_CONFIG,
-    TrainLog,
-    _load_checkpoint,
-    _save_checkpoint,
-    epoch_order,
-    learning_rate,
-)
 from training.cache import CachedFeatures, FeatureCache
 from training.data import (
     IMAGE_PLACEHOLDER,
@@ -51,6 +41,7 @@ from training.data import (
     synthetic_conversations,
 )
 from training.evaluate import answer_accuracy
+from training.loop import check_resume, epoch_order, run_loop, run_settings, write_run_config
 
 log = logging.getLogger(__name__)
 
@@ -183,60 +174,36 @@ def fit_vlm(
     resume: bool = False,
     progress: bool = True,
 ) -> VLMTrainResult:
-    """Train for `config.steps` steps at `config.stage`; checkpoints under out_dir/checkpoints/."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """Train for `config.steps` steps at `config.stage` through the training loop (loop.py); checkpoints
+    under out_dir/checkpoints/."""
     set_stage(model, config.stage, config.freeze_projector)
     if config.sub_batches < 1:
         raise ConfigError(f"train.sub_batches is {config.sub_batches}; give 1 (whole batches) or more")
-    accelerator = Accelerator(
-        mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum
-    )
-    trainable = TrainableParts(model)
-    optimizer = torch.optim.AdamW(trainable.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    start = _load_checkpoint(out_dir, trainable, optimizer) if resume else 0
-    model.to(accelerator.device)
-    optimizer = accelerator.prepare(optimizer)
-    losses: list[float] = []
-    log_file = TrainLog(out_dir, start)
-    bar = tqdm(
-        range(start, config.steps),
-        desc=f"stage {config.stage}",
-        initial=start,
-        total=config.steps,
-        disable=not progress,
-    )
     lengths = data.lengths(model.tokens_per_image())
-    model.train()
-    try:
-        for step in bar:
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(config, step)
-            with accelerator.accumulate(trainable):
-                indices = batch_indices(
-                    len(data.conversations), config, step, lengths if config.group_by_length else None
-                )
-                loss = backward_batch(model, data, indices, lengths, config.sub_batches, accelerator)
-                optimizer.step()
-                optimizer.zero_grad()
-            losses.append(loss)
-            log_file.write(step + 1, losses[-1], learning_rate(config, step))
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-            done = step + 1
-            if config.checkpoint_every and done % config.checkpoint_every == 0:
-                _save_checkpoint(out_dir, trainable, optimizer, done)
-    finally:  # an interrupted run still closes its log with a line per step it ran
-        log_file.close()
-        bar.close()
+
+    def micro_step(accelerator: Accelerator, trainable: nn.Module, batch: int) -> float:
+        indices = batch_indices(
+            len(data.conversations), config, batch, lengths if config.group_by_length else None
+        )
+        return backward_batch(model, data, indices, lengths, config.sub_batches, accelerator)
+
+    # The forward pass runs through the VisionLLM, not through `trainable`, so the parts are not wrapped
+    # for data parallelism: under `accelerate launch` each process trains the same copy and the main one
+    # alone writes the files.
+    model.to(processes().device).train()
+    losses = run_loop(
+        TrainableParts(model), micro_step, config, out_dir, resume, progress, f"stage {config.stage}"
+    )
     model.eval()
     metrics = evaluate_answers(model, held_out) if held_out is not None else {}
     return VLMTrainResult(config.steps, losses, metrics, data.skipped)
 
 
 def batch_indices(
-    count: int, config: VLMTrainConfig, step: int, lengths: Sequence[int] | None = None
+    count: int, config: VLMTrainConfig, batch: int, lengths: Sequence[int] | None = None
 ) -> torch.Tensor:
-    """Conversations of batch `step`: a fresh seeded permutation each epoch, a function of the step alone.
+    """Conversations of micro-batch number `batch`: a fresh seeded permutation each epoch, a function of
+    the number alone.
 
     With `lengths` (tokens per conversation), grouping by length as LLaVA does: each run of LENGTH_GROUP
     batches of the permutation is sorted by length, rounded up to LENGTH_BUCKET tokens, before it is cut
@@ -245,7 +212,7 @@ def batch_indices(
     epoch.
     """
     batch_size = min(config.batch_size, count)
-    epoch, position = divmod(step, count // batch_size)
+    epoch, position = divmod(batch, count // batch_size)
     if lengths is None:
         order = epoch_order(count, config.seed, epoch)
         return order[position * batch_size : (position + 1) * batch_size]
@@ -408,18 +375,9 @@ def train_vlm(
     """The whole `dinobridge train-vlm`: build (or load `base`, a saved VisionLLM from an earlier
     stage), cache, fit, evaluate on held-out conversations, and save the VisionLLM to out_dir."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    saved_config = out_dir / RUN_CONFIG
-    settings = {"run": to_dict(config), "data": data, "base": str(base) if base else None}
-    if resume and saved_config.exists():
-        if json.loads(saved_config.read_text()) != json.loads(json.dumps(settings)):
-            raise ConfigError(
-                f"--resume with a config, data or base that differs from '{saved_config}'; use the same"
-            )
-    elif not resume:
-        shutil.rmtree(out_dir / CHECKPOINTS, ignore_errors=True)
-        (out_dir / "train_log.jsonl").unlink(missing_ok=True)
-    saved_config.write_text(json.dumps(settings, indent=2))
+    settings = run_settings(config, data, image_root, base)
+    check_resume(out_dir, settings, resume)
+    state = processes()
     torch.manual_seed(config.train.seed)
     model = VisionLLM.from_pretrained(base) if base else VisionLLM.from_config(config.vlm)
     if base and config.vlm.lora is not None and model.config.lora is None:
@@ -434,9 +392,13 @@ def train_vlm(
     if base is None:  # a fresh projector; a resumed run overwrites it from its checkpoint anyway
         sample = list(range(min(512, len(train_data.features))))
         standardise_projector_input(model, train_data.features[sample])
+    if state.is_main_process:
+        write_run_config(out_dir, settings)
     result = fit_vlm(model, train_data, held_out, config.train, out_dir, resume=resume, progress=progress)
-    model.save_pretrained(out_dir)
-    (out_dir / "metrics.json").write_text(json.dumps(result.metrics, indent=2))
+    if state.is_main_process:
+        model.save_pretrained(out_dir)
+        (out_dir / "metrics.json").write_text(json.dumps(result.metrics, indent=2))
+    state.wait_for_everyone()
     return model, result
 
 

@@ -1,0 +1,244 @@
+"""The one training loop: every trainer (text route, LLM route, pre-alignment) runs its steps through it.
+
+A trainer hands over what it trains (a module holding exactly the trained parameters) and a step body
+(forward and backward of one micro-batch, given its number); the loop does the rest, the same way for all:
+
+- `accelerate` places the run (device, mixed precision, N processes under `accelerate launch`) and
+  accumulates gradients;
+- AdamW, its learning rate a pure function of the optimiser step (`learning_rate`: warm-up, then cosine);
+- `steps` counts optimiser updates, each made of `grad_accum` micro-batches numbered
+  `step * grad_accum + i`, so a checkpoint always falls between updates and `--resume` is exact whatever
+  `grad_accum` is;
+- the run directory: `run_config.json` (the config, data and base of the run, checked on `--resume`),
+  `train_log.jsonl` (a line per step) and `checkpoints/step-NNNNNNN/` (the trained tensors and the
+  optimiser state in safetensors, never a pickle), all written by the main process alone.
+
+Batches are a function of (seed, micro-batch number) (`epoch_order`), which is what lets a resumed run
+continue the very same loss curve.
+
+Not here: what a step computes (align.py, vlm.py, prealign.py), data (data.py), metrics (evaluate.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from bridge.config import ConfigError, to_dict
+from bridge.model import read_safetensors
+from bridge.runtime import cpu_only
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+RUN_CONFIG = "run_config.json"
+TRAIN_LOG = "train_log.jsonl"
+
+
+class LoopConfig(Protocol):
+    """The fields of TrainConfig and VLMTrainConfig that the loop reads."""
+
+    steps: int  # optimiser updates
+    lr: float
+    weight_decay: float
+    warmup_steps: int
+    grad_accum: int  # micro-batches an update
+    mixed_precision: str  # no | bf16 | fp16
+    checkpoint_every: int  # updates; 0: none
+
+
+# A step body: (accelerator, the prepared trained module, micro-batch number) -> that micro-batch's mean
+# loss, after it has run its backward pass through `accelerator.backward`.
+MicroStep = Callable[[Accelerator, nn.Module, int], float]
+
+
+def run_loop(
+    trainable: nn.Module,
+    micro_step: MicroStep,
+    config: LoopConfig,
+    out_dir: str | Path | None,
+    resume: bool = False,
+    progress: bool = True,
+    desc: str = "training",
+    after_step: Callable[[int], None] | None = None,
+) -> list[float]:
+    """Run optimiser steps until `config.steps`; returns the loss of each step run in this call.
+
+    `trainable`'s parameters that require gradients are optimised; under N processes it is wrapped for
+    data parallelism, so the step body must run its forward pass through the module it is given.
+    `out_dir` None: no log, no checkpoints (a sub-step of a larger job, such as pre-alignment).
+    `after_step(done)` runs after each update (held-out evaluation, say).
+    """
+    if config.grad_accum < 1:
+        raise ConfigError(f"train.grad_accum is {config.grad_accum}; give 1 (no accumulation) or more")
+    accelerator = Accelerator(
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.grad_accum,
+        cpu=cpu_only(),  # as runtime.processes(): N CPU processes join with gloo
+    )
+    main = accelerator.is_main_process  # the one process that writes files
+    out_dir = Path(out_dir) if out_dir is not None else None
+    parameters = [p for p in trainable.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    start = 0
+    if out_dir is not None and resume:
+        start = load_checkpoint(out_dir, trainable, optimizer)
+    elif out_dir is not None and main:  # a fresh run: an older run's checkpoints must never be resumed
+        shutil.rmtree(out_dir / CHECKPOINTS, ignore_errors=True)
+    trainable, optimizer = accelerator.prepare(trainable, optimizer)
+    train_log = TrainLog(out_dir, start, writes=main)
+    steps = range(start, config.steps)
+    bar = tqdm(steps, desc=desc, initial=start, total=config.steps, disable=not (progress and main))
+    losses: list[float] = []
+    try:
+        for step in bar:
+            lr = learning_rate(config, step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss = 0.0
+            for micro in range(config.grad_accum):
+                # accelerate steps the optimiser (and syncs gradients) on the last micro-batch only
+                with accelerator.accumulate(trainable):
+                    loss += micro_step(accelerator, trainable, step * config.grad_accum + micro)
+                    optimizer.step()
+                    optimizer.zero_grad()
+            losses.append(loss / config.grad_accum)
+            train_log.write(step + 1, losses[-1], lr)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            done = step + 1
+            if (
+                out_dir is not None
+                and config.checkpoint_every
+                and done % config.checkpoint_every == 0
+                and main
+            ):
+                save_checkpoint(out_dir, accelerator.unwrap_model(trainable), optimizer, done)
+            if after_step is not None:
+                after_step(done)
+    finally:  # an interrupted run still closes its log with a line per step it ran
+        train_log.close()
+        bar.close()
+    return losses
+
+
+def learning_rate(config: LoopConfig, step: int) -> float:
+    """Linear warm-up, then cosine decay to zero: a function of the step alone, so resuming is exact."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return config.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def epoch_order(count: int, seed: int, epoch: int) -> torch.Tensor:
+    """The seeded permutation of `count` items for `epoch`: what makes batches a function of the step."""
+    return torch.randperm(count, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+# --- the run directory -----------------------------------------------------------------------------------
+
+
+def run_settings(config, data: str, image_root: str | None = None, base: str | Path | None = None) -> dict:
+    """What a run is, as `run_config.json` records it: the whole config (a dataclass), the data and image
+    root (local paths made absolute, so a resume from another folder still matches) and the base model."""
+
+    def absolute(path):
+        return str(Path(path).resolve()) if path is not None and Path(path).exists() else path
+
+    return {"run": to_dict(config), "data": absolute(data), "image_root": absolute(image_root)} | {
+        "base": absolute(base)
+    }
+
+
+def check_resume(out_dir: str | Path, settings: dict, resume: bool) -> None:
+    """Refuse `--resume` of a run whose config, data or base differ from the saved run's; checked before
+    any work, so a refused run changes nothing in `out_dir`."""
+    saved = Path(out_dir) / RUN_CONFIG
+    if resume and saved.is_file() and json.loads(saved.read_text()) != json.loads(json.dumps(settings)):
+        raise ConfigError(
+            f"--resume with a config, data or base that differs from the one in '{saved}'; use the same "
+            "settings, or train into a new --out"
+        )
+
+
+def write_run_config(out_dir: str | Path, settings: dict) -> None:
+    """Record what the run is (config, data, base) for `check_resume`; the main process calls this once
+    the data is ready, so a run that fails on its data leaves an earlier run's record as it was."""
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(out_dir) / RUN_CONFIG).write_text(json.dumps(settings, indent=2))
+
+
+class TrainLog:
+    """`train_log.jsonl`, a line per optimiser step. Opened at `start`, it first drops the lines a killed
+    run wrote past its last checkpoint, so a resumed run logs each step once. Only the process that
+    `writes` (the main one under `accelerate launch`) touches the file; `out_dir` None logs nowhere."""
+
+    def __init__(self, out_dir: Path | None, start: int, writes: bool = True):
+        writes = writes and out_dir is not None
+        if writes:
+            path = out_dir / TRAIN_LOG
+            out_dir.mkdir(parents=True, exist_ok=True)
+            if path.exists():
+                kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= start]
+                path.write_text("".join(line + "\n" for line in kept))
+        self.file = (out_dir / TRAIN_LOG).open("a") if writes else open(os.devnull, "w")
+
+    def write(self, step: int, loss: float, lr: float) -> None:
+        self.file.write(json.dumps({"step": step, "loss": loss, "lr": lr}) + "\n")
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def save_checkpoint(out_dir: Path, trainable: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+    """The trained tensors and the optimiser state after `step` updates, written to a temporary directory
+    and renamed into place, so a kill mid-write leaves the previous checkpoints intact."""
+    directory = out_dir / CHECKPOINTS / f"step-{step:07d}"
+    temporary = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in trainable.state_dict().items()},
+        temporary / "head.safetensors",
+    )
+    state = optimizer.state_dict()
+    tensors = {
+        f"{index}.{name}": value.detach().cpu().contiguous()
+        for index, values in state["state"].items()
+        for name, value in values.items()
+    }
+    save_file(tensors, temporary / "optimizer.safetensors")
+    (temporary / "trainer_state.json").write_text(
+        json.dumps({"step": step, "param_groups": state["param_groups"]})
+    )
+    shutil.rmtree(directory, ignore_errors=True)
+    temporary.rename(directory)
+
+
+def load_checkpoint(out_dir: Path, trainable: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Restore the newest checkpoint; returns its step (0 when there is none to resume from)."""
+    checkpoints = sorted((out_dir / CHECKPOINTS).glob("step-???????"))
+    if not checkpoints:
+        log.warning("--resume: no checkpoint in '%s'; starting from step 0", out_dir / CHECKPOINTS)
+        return 0
+    latest = checkpoints[-1]
+    trainable.load_state_dict(read_safetensors(latest / "head.safetensors"))
+    trainer_state = json.loads((latest / "trainer_state.json").read_text())
+    per_parameter: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in read_safetensors(latest / "optimizer.safetensors").items():
+        index, name = key.split(".", 1)
+        per_parameter.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": per_parameter, "param_groups": trainer_state["param_groups"]})
+    log.info("resumed from %s", latest)
+    return trainer_state["step"]
