@@ -8,7 +8,7 @@ Random weights (throughput does not depend on them), random pixels already on th
 measures the encoder alone; benchmarks/index_throughput.py measures folder to index. The baseline is
 what `Dinov2Model.from_pretrained(name)` gives and a user then loops over: float32, transformers' default
 attention (SDPA in transformers 5), no_grad. On a GPU the script also times transformers' eager
-attention (the 856 img/s of ../shared/DESIGN.md), measures the card's dense bf16 matmul rate, and
+attention (856 img/s on an H100: benchmarks/RESULTS.md), measures the card's dense bf16 matmul rate, and
 prints the fraction of the arithmetic limit (model FLOPs x images/s over that rate) each row reaches.
 """
 

@@ -179,7 +179,7 @@ class VLMTrainConfig:
     batch_size: int = 32
     # LLaVA's group_by_length: batches of conversations of similar length, so fewer padding tokens are
     # computed. Where lengths cluster by kind it also makes batches of one kind, which can learn worse
-    # (the offline demo: 1.5x faster steps, held-out shape 0.81 against 0.94; README, "The offline demo").
+    # (the offline demo: 1.5x faster steps, held-out shape 0.81 against 0.94; docs/llm-route.md).
     group_by_length: bool = False
     # Run each batch as up to this many sub-batches of similar length, their gradients added: the same
     # gradient as the padded whole (the loss is weighted by answer tokens), fewer padding tokens computed.

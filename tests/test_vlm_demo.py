@@ -1,4 +1,4 @@
-"""The LLM route's offline demo, `dinobridge demo-vlm` (issue 4).
+"""The LLM route's offline demo, `dinobridge demo-vlm`.
 
 The full run is marked slow (about 9.5 minutes on 2 cores): the default test run skips it, `.ci/run`
 runs it and asserts the demo's accuracy on held-out scenes. A tiny run in the default suite checks the
@@ -46,7 +46,7 @@ def test_demo_vlm_answers_and_learns_counting_with_lora(tmp_path, capsys):
             table[words[0]] = (float(words[1]), float(words[2]))  # before LoRA, after LoRA
     assert set(table) == {*ORIGINAL_KINDS, NEW_KIND}, report
     assert "bitwise unchanged by LoRA: True" in report
-    # Measured 0.974 / 0.927 / 0.941 (README); 0.85 leaves a margin for another CPU's float rounding.
+    # Measured 0.974 / 0.927 / 0.941 (docs/llm-route.md); 0.85 leaves a margin for another CPU's float rounding.
     for kind in ORIGINAL_KINDS:
         before, after = table[kind]
         assert before >= 0.85, f"{kind}: held-out accuracy {before:.3f} below 0.85\n{report}"

@@ -105,7 +105,7 @@ def run_grounding_demo(
     config = RunConfig()
     # Trained without hard negatives, every foreground pixel got its colour right but 61% its shape,
     # although an MLP probe reads the shape from one frozen patch token at 0.94: the captions of a batch
-    # rarely differ in shape alone. Negatives with the shape words swapped make them (README: 0.38 -> 0.63).
+    # rarely differ in shape alone. Negatives with the shape words swapped make them (docs/grounding.md: 0.38 -> 0.63).
     config.train.hard_negative_words = [list(SHAPES)]
     config, bridge, baseline, data = _two_bridges(out_dir, train_scenes, progress, config)
     dense = replace(config.train, dense_weight=DENSE_WEIGHT)

@@ -69,7 +69,7 @@ LOSSES = {"infonce": infonce_loss, "siglip": sigmoid_loss}
 
 # The dense loss compares every caption with every patch of every image: (B, B, N) cosines. On the
 # first DENSE_IMAGES pairs of a batch only, it costs a sixteenth of the full batch's and, measured,
-# grounds as well (README, "Dense grounding").
+# grounds as well (docs/grounding.md).
 DENSE_IMAGES = 64
 POOL_TEMPERATURE = 0.1  # softmax temperature over a caption's patch cosines: low picks few patches
 
