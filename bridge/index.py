@@ -39,16 +39,7 @@ from bridge.index_files import (
 )
 from bridge.model import TextBridge
 from bridge.runtime import EncodeSettings, encode_settings, processes
-from bridge.search import (
-    EXACT_UP_TO,
-    FLAT_UP_TO,
-    build_faiss_index,
-    exact_search,
-    faiss_search,
-    import_faiss,
-    read_faiss_index,
-    write_faiss_index,
-)
+from bridge.search import BACKENDS, CacheFiles, SearchBackend, choose_backend
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +95,7 @@ class ImageIndex:
         self._shards = shards
         self._live = {r.path: (s, i) for s in shards for i, r in enumerate(s.records) if i not in s.dropped}
         self._views: dict[str, np.ndarray] = {}  # "text"/"image" -> (N, dim) live rows, made on first use
-        self._faiss: dict[str, object] = {}
+        self._backends: dict[tuple[str, str], SearchBackend] = {}  # (back-end, space) -> built
         self._paths: list[str] | None = None
 
     # --- building and updating ------------------------------------------------------------------------
@@ -403,7 +394,8 @@ class ImageIndex:
         `image` alone searches DINOv2's CLS space: image-to-image similarity, where DINOv2 is strong.
         Anything with text searches the bridge's text space, with the sum of the normalised query vectors,
         +1 for each `text` and `image`, -1 for each `minus` ("a beach" minus "people"), renormalised, as
-        rclip does. `backend`: "exact", "faiss" or "auto" (exact up to EXACT_UP_TO images).
+        rclip does. `backend`: a name in search.BACKENDS ("exact", "faiss") or "auto" (exact up to
+        search.EXACT_UP_TO images).
         """
         bridge = self._use_bridge(None)
         texts, images, minus = _as_list(text), _as_list(image), _as_list(minus)
@@ -421,16 +413,10 @@ class ImageIndex:
         return self._nearest("text", F.normalize(torch.stack(parts).sum(0), dim=0).numpy(), k, backend)
 
     def _nearest(self, space: str, query: np.ndarray, k: int, backend: str) -> list[tuple[str, float]]:
-        if backend not in ("auto", "exact", "faiss"):
-            raise ValueError(f"backend must be 'auto', 'exact' or 'faiss', got {backend!r}")
+        backend = choose_backend(backend, len(self))
         if len(self) == 0:
             return []
-        if backend == "faiss" or (backend == "auto" and len(self) > EXACT_UP_TO):
-            backend = "faiss" if import_faiss() is not None else "exact"
-        if backend == "faiss":
-            scores, rows = faiss_search(self._faiss_index(space), self._view(space), query[None], k)
-        else:
-            scores, rows = exact_search(self._view(space), query[None], k)
+        scores, rows = self._backend(backend, space).search(query[None], k)
         found = zip(scores[0].tolist(), rows[0].tolist(), strict=True)
         return [(str(self.root / self.paths[row]), score) for score, row in found if row >= 0]
 
@@ -441,23 +427,12 @@ class ImageIndex:
             self._views[space] = np.concatenate(parts) if parts else np.zeros((0, 1), np.float16)
         return self._views[space]
 
-    def _faiss_index(self, space: str):
-        """A FAISS index over one space, kept in memory and, when it is quantised (slow to train), on disk."""
-        if space not in self._faiss:
-            path = self.directory / f"faiss-{space}-{self._manifest['generation']}.npz"
-            if path.is_file():
-                self._faiss[space] = read_faiss_index(path)
-                return self._faiss[space]
-            self._faiss[space] = build_faiss_index(self._view(space), flat_up_to=FLAT_UP_TO)
-            if len(self) > FLAT_UP_TO:
-                try:  # searching a read-only index still works, only slower to start
-                    for stale in self.directory.glob(f"faiss-{space}-*"):
-                        stale.unlink()
-                    write_faiss_index(self._faiss[space], f"{path}.tmp")
-                    os.replace(f"{path}.tmp", path)
-                except (OSError, RuntimeError) as error:
-                    log.warning("could not cache the FAISS index in '%s': %s", path, error)
-        return self._faiss[space]
+    def _backend(self, name: str, space: str) -> SearchBackend:
+        """Back-end `name` over one space, built once for each committed state of the index."""
+        if (name, space) not in self._backends:
+            cache = CacheFiles(self.directory, space, self._manifest["generation"])
+            self._backends[name, space] = BACKENDS[name].build(self._view(space), cache)
+        return self._backends[name, space]
 
     def _use_bridge(self, bridge: TextBridge | None) -> TextBridge:
         if bridge is not None and bridge is not self._bridge:

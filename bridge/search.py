@@ -16,26 +16,133 @@ makes them miss on embeddings without cluster structure: on 1M random 512-d vect
 256) found 5% of the true top 10 and IVF at a 5 ms budget under 50%, where the full fast-scan with
 re-ranking finds 98% in 4.5 ms (2 cores).
 
-Not here: what an index stores or how it is updated (index.py).
+An index searches through the `SearchBackend` protocol: `build` over one space's embeddings, then
+`search`. A new back-end is one class here under `@register_backend("name")`, which puts it in
+`BACKENDS`; `choose_backend` holds the rule "auto" follows.
+
+Not here: what an index stores or how it is updated (index.py, index_files.py), how a query vector is
+made (index.py).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
 
-EXACT_UP_TO = 100_000  # backend="auto": one matrix product up to here, FAISS above (DESIGN.md)
+EXACT_UP_TO = 100_000  # backend="auto": one matrix product up to here, FAISS above
 FLAT_UP_TO = 50_000  # FAISS: an exact flat index up to here, product quantisation above
 RERANK_FACTOR = 32  # candidates re-scored exactly per result wanted (16 gave recall@10 0.948, 32 0.980)
 TRAIN_ROWS = 65_536  # vectors the quantiser learns from: 16 centroids per sub-quantiser need few
 SHARD_ROWS = 100_000  # at least this many vectors a shard: below, a thread costs more than it saves
 MAX_SHARDS = 8  # the scan is bound by memory bandwidth, which a few cores already saturate
+
+
+@dataclass(frozen=True)
+class CacheFiles:
+    """Where a back-end may keep what is slow to rebuild for one space of an index: files in the index
+    directory named by back-end, space and manifest generation, so that any commit makes them stale."""
+
+    directory: Path
+    space: str  # "text" or "image"
+    generation: int
+
+    def path(self, backend: str) -> Path:
+        return self.directory / f"{backend}-{self.space}-{self.generation}.npz"
+
+    def stale(self, backend: str) -> Iterator[Path]:
+        """The back-end's files for this space, of any generation: delete them before writing `path`."""
+        return self.directory.glob(f"{backend}-{self.space}-*")
+
+
+class SearchBackend(Protocol):
+    """The k nearest of one fixed set of (N, D) normalised float16 embeddings to each query."""
+
+    @classmethod
+    def build(cls, embeddings: np.ndarray, cache: CacheFiles) -> SearchBackend:
+        """Ready to search `embeddings` (rows in the index's order), reading or writing `cache` at will."""
+        ...
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Queries (Q, D) -> (scores, rows), (Q, k) each, best first; a row of -1 is no result."""
+        ...
+
+
+BACKENDS: dict[str, type[SearchBackend]] = {}  # name -> class, filled by @register_backend
+
+
+def register_backend(name: str):
+    """Class decorator: `ImageIndex.search(..., backend=name)` searches with the class."""
+
+    def register(cls: type[SearchBackend]) -> type[SearchBackend]:
+        BACKENDS[name] = cls
+        return cls
+
+    return register
+
+
+@register_backend("exact")
+class ExactBackend:
+    """One float16 matrix product over every embedding, re-scored in float32 (`exact_search`)."""
+
+    def __init__(self, embeddings: np.ndarray):
+        self.embeddings = embeddings
+
+    @classmethod
+    def build(cls, embeddings: np.ndarray, cache: CacheFiles) -> ExactBackend:
+        return cls(embeddings)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return exact_search(self.embeddings, queries, k)
+
+
+@register_backend("faiss")
+class FaissBackend:
+    """A `build_faiss_index` index, its candidates re-scored exactly (`faiss_search`). A quantised one is
+    slow to train, so it is cached in the index directory; without faiss installed, exact search."""
+
+    def __init__(self, index, embeddings: np.ndarray):
+        self.index, self.embeddings = index, embeddings
+
+    @classmethod
+    def build(cls, embeddings: np.ndarray, cache: CacheFiles) -> FaissBackend | ExactBackend:
+        if import_faiss() is None:
+            return ExactBackend.build(embeddings, cache)
+        path = cache.path("faiss")
+        if path.is_file():
+            return cls(read_faiss_index(path), embeddings)
+        index = build_faiss_index(embeddings, flat_up_to=FLAT_UP_TO)
+        if len(embeddings) > FLAT_UP_TO:
+            try:  # searching a read-only index still works, only slower to start
+                for stale in cache.stale("faiss"):
+                    stale.unlink()
+                write_faiss_index(index, f"{path}.tmp")
+                os.replace(f"{path}.tmp", path)
+            except (OSError, RuntimeError) as error:
+                log.warning("could not cache the FAISS index in '%s': %s", path, error)
+        return cls(index, embeddings)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return faiss_search(self.index, self.embeddings, queries, k)
+
+
+def choose_backend(name: str, count: int) -> str:
+    """The name in BACKENDS that searches `count` embeddings for `name`: itself, or for "auto" one matrix
+    product up to EXACT_UP_TO and FAISS above."""
+    if name == "auto":
+        return "exact" if count <= EXACT_UP_TO else "faiss"
+    if name not in BACKENDS:
+        *others, last = [repr(known) for known in ["auto", *BACKENDS]]
+        raise ValueError(f"backend must be {', '.join(others)} or {last}, got {name!r}")
+    return name
 
 
 def exact_search(embeddings: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -27,11 +27,11 @@ import pytest
 import torch
 from PIL import Image
 
-import bridge.index as bridge_index
 import bridge.search as search_module
 from bridge.images import load_image
 from bridge.index import ImageIndex, IndexMismatchError, run_index_command, run_search_command
 from bridge.search import (
+    ExactBackend,
     build_faiss_index,
     exact_search,
     faiss_search,
@@ -368,17 +368,52 @@ def test_exact_and_faiss_back_ends_agree(photo_index: ImageIndex) -> None:
         np.testing.assert_allclose([s for _, s in approximate], [s for _, s in exact], atol=1e-5)
 
 
+def test_a_new_back_end_is_one_class_in_the_registry(
+    photo_index: ImageIndex, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    class ReversedRows:
+        """Exact search over the rows stored in reverse: a back-end must map its own row order back."""
+
+        def __init__(self, embeddings: np.ndarray):
+            self.exact, self.last = ExactBackend(embeddings[::-1].copy()), len(embeddings) - 1
+
+        @classmethod
+        def build(cls, embeddings: np.ndarray, cache) -> ReversedRows:
+            return cls(embeddings)
+
+        def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+            scores, rows = self.exact.search(queries, k)
+            return scores, np.where(rows >= 0, self.last - rows, -1)
+
+    monkeypatch.setitem(search_module.BACKENDS, "reversed", ReversedRows)
+    for query in [
+        {"text": "a red square", "minus": "people"},
+        {"image": photo_index.root / photo_index.paths[3]},
+    ]:
+        found = photo_index.search(**query, k=5, backend="reversed")
+        assert found == photo_index.search(**query, k=5, backend="exact")
+    with pytest.raises(
+        ValueError, match="backend must be 'auto', 'exact', 'faiss' or 'reversed', got 'annoy'"
+    ):
+        photo_index.search(text="a red square", backend="annoy")
+
+
+def test_an_unknown_back_end_is_refused_with_the_names_there_are(photo_index: ImageIndex) -> None:
+    with pytest.raises(ValueError, match="backend must be 'auto', 'exact' or 'faiss', got 'hnsw'"):
+        photo_index.search(text="a red square", backend="hnsw")
+
+
 def test_a_quantised_faiss_index_is_saved_in_the_index_and_read_back(
     photo_index: ImageIndex, tiny_bridge, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Above FLAT_UP_TO (lowered here to 10 of the 30 photos) the trained index is cached on disk.
-    monkeypatch.setattr(bridge_index, "FLAT_UP_TO", 10)
-    monkeypatch.setattr(photo_index, "_faiss", {})
+    monkeypatch.setattr(search_module, "FLAT_UP_TO", 10)
+    monkeypatch.setattr(photo_index, "_backends", {})
     exact = photo_index.search(text="a red square", k=5, backend="exact")
     assert photo_index.search(text="a red square", k=5, backend="faiss") == exact  # 32 x k re-ranked: all 30
     saved = list(photo_index.directory.glob("faiss-text-*"))
     assert [p.name for p in saved] == [f"faiss-text-{photo_index._manifest['generation']}.npz"]
-    monkeypatch.setattr(bridge_index, "build_faiss_index", lambda *_, **__: pytest.fail("rebuilt, not read"))
+    monkeypatch.setattr(search_module, "build_faiss_index", lambda *_, **__: pytest.fail("rebuilt, not read"))
     reopened = ImageIndex.load(photo_index.directory, tiny_bridge)
     assert reopened.search(text="a red square", k=5, backend="faiss") == exact
     saved[0].unlink()
@@ -439,7 +474,7 @@ def test_without_faiss_search_falls_back_to_exact_and_says_so_once(
     exact = photo_index.search(text="a red square", k=4, backend="exact")
     monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss now raises ImportError
     monkeypatch.setattr(search_module, "_faiss_missing_logged", False)
-    monkeypatch.setattr(photo_index, "_faiss", {})
+    monkeypatch.setattr(photo_index, "_backends", {})
     with caplog.at_level(logging.WARNING, logger="bridge.search"):
         assert photo_index.search(text="a red square", k=4, backend="faiss") == exact
         assert photo_index.search(text="a red square", k=4, backend="faiss") == exact
