@@ -234,23 +234,44 @@ def _eval_segmentation(args) -> int:
 
 
 def _index(args) -> int:
-    from bridge.index import run_index_command
+    from bridge.index import ImageIndex
+    from bridge.model import TextBridge
     from bridge.runtime import encode_settings, processes
 
-    device = args.device or str(processes().device)  # under `accelerate launch`, this process's GPU
+    state = processes()
+    device = args.device or str(state.device)  # under `accelerate launch`, this process's GPU
     settings = encode_settings(device, args.precision, args.compile, args.batch_size)
-    summary = run_index_command(args.folder, args.model, args.out, args.workers, settings)
-    if summary is not None:  # None: a helper process of `accelerate launch`; the main one reports
-        print(summary)
+    bridge = TextBridge.from_pretrained(args.model).to(settings.device)
+    bridge.encoder.run_with(settings)
+    options = {"batch_size": settings.batch_size, "gpu_decode": settings.gpu_decode}
+    index = ImageIndex.build(
+        args.folder, bridge, args.out, workers=args.workers, model_dir=args.model, **options
+    )
+    if state.is_main_process:  # under `accelerate launch` the main process reports the whole run
+        print(index.summary)
     return 0
 
 
 def _search(args) -> int:
-    from bridge.index import run_search_command
+    from bridge.index import ImageIndex
+    from bridge.index_files import read_manifest
+    from bridge.model import TextBridge
 
     if not (args.texts or args.image):
         raise ValueError("give a text query, an --image, or both")
-    print(run_search_command(args.index, args.model, args.texts, args.minus, args.image, args.k, args.json))
+    model_dir = args.model or read_manifest(Path(args.index))["model_dir"]
+    if model_dir is None:
+        raise ValueError(
+            f"index '{args.index}' does not record its model; pass the bridge directory (--model)"
+        )
+    index = ImageIndex.load(args.index, TextBridge.from_pretrained(model_dir))
+    results = index.search(text=args.texts, image=args.image, minus=args.minus, k=args.k)
+    if args.json:
+        print(json.dumps([{"path": path, "score": round(score, 6)} for path, score in results], indent=1))
+    elif results:
+        print("\n".join(f"{score:.4f}  {path}" for path, score in results))
+    else:
+        print(f"index '{args.index}' is empty")
     return 0
 
 

@@ -2,8 +2,8 @@
 
 The files it is made of, and why a killed run loses nothing, are in index_files.py.
 
-Not here: argument parsing (cli.py), image decoding rules (images.py), models (model.py), the search
-back-ends (search.py).
+Not here: argument parsing and printing (cli.py), image decoding rules (images.py), models (model.py),
+the search back-ends (search.py).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from bridge.index_files import (
     write_shard,
 )
 from bridge.model import TextBridge
-from bridge.runtime import EncodeSettings, encode_settings, processes
+from bridge.runtime import processes
 from bridge.search import BACKENDS, CacheFiles, SearchBackend, choose_backend
 
 log = logging.getLogger(__name__)
@@ -525,50 +525,3 @@ def _as_list(value) -> list:
     if value is None:
         return []
     return [value] if isinstance(value, (str, os.PathLike, Image.Image)) else list(value)
-
-
-# --- the CLI's two verbs (cli.py parses the arguments and prints) ---------------------------------------
-
-
-def run_index_command(
-    folder: str | os.PathLike,
-    model_dir: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    workers: int | None,
-    settings: EncodeSettings | None = None,
-) -> IndexSummary | None:
-    """`dinobridge index`: index `folder` (or update its index) with the bridge saved in `model_dir`,
-    the encoder run as `settings` say (default: runtime.encode_settings(), the fastest here). Under
-    `accelerate launch`, the main process returns the run's summary and the others None."""
-    state = processes()
-    settings = settings or encode_settings(str(state.device))
-    bridge = TextBridge.from_pretrained(model_dir).to(settings.device)
-    bridge.encoder.run_with(settings)
-    options = {"batch_size": settings.batch_size, "gpu_decode": settings.gpu_decode}
-    summary = ImageIndex.build(
-        folder, bridge, out_dir, workers=workers, model_dir=model_dir, **options
-    ).summary
-    return summary if state.is_main_process else None
-
-
-def run_search_command(
-    index_dir: str | os.PathLike,
-    model_dir: str | os.PathLike | None,
-    texts: Sequence[str],
-    minus_texts: Sequence[str],
-    images: Sequence[str],
-    k: int,
-    as_json: bool,
-) -> str:
-    """`dinobridge search`: the text to print, "score  path" lines or a JSON list of {"path", "score"}.
-    `model_dir` None means the bridge directory the index recorded when it was built."""
-    model_dir = model_dir or read_manifest(Path(index_dir))["model_dir"]
-    if model_dir is None:
-        raise ValueError(
-            f"index '{index_dir}' does not record its model; pass the bridge directory (--model)"
-        )
-    index = ImageIndex.load(index_dir, TextBridge.from_pretrained(model_dir))
-    results = index.search(text=texts, image=images, minus=minus_texts, k=k)
-    if as_json:
-        return json.dumps([{"path": path, "score": round(score, 6)} for path, score in results], indent=1)
-    return "\n".join(f"{score:.4f}  {path}" for path, score in results) or f"index '{index_dir}' is empty"

@@ -1,4 +1,5 @@
-"""Tests for bridge/index.py: building, updating, surviving a kill, refusing a foreign model, searching.
+"""Tests for the image index (bridge/index.py, search.py and the CLI's two verbs): building, updating,
+surviving a kill, refusing a foreign model, searching.
 
 Every folder is made here in tmp_path; the model is the tiny bridge from conftest.py. Each test asserts what
 a user relies on: which files are indexed or reported with which reason, that a rerun embeds nothing it
@@ -28,8 +29,9 @@ import torch
 from PIL import Image
 
 import bridge.search as search_module
+from bridge.cli import main as dinobridge
 from bridge.images import load_image
-from bridge.index import ImageIndex, IndexMismatchError, run_index_command, run_search_command
+from bridge.index import ImageIndex, IndexMismatchError
 from bridge.search import (
     ExactBackend,
     build_faiss_index,
@@ -499,22 +501,48 @@ def test_save_compacts_and_load_gives_the_same_results(photo_index: ImageIndex, 
         photo_index.save(tmp_path / "copy")
 
 
-def test_cli_functions_print_scores_and_paths(tmp_path: Path, tiny_bridge) -> None:
+def test_cli_index_and_search_print_the_summary_scores_and_paths(
+    tmp_path: Path, tiny_bridge, capsys: pytest.CaptureFixture
+) -> None:
     folder, out, model_dir = tmp_path / "photos", tmp_path / "index", tmp_path / "model"
     make_photos(folder, 5)
     (folder / "empty.jpg").write_bytes(b"")
     tiny_bridge.save_pretrained(model_dir)
-    summary = run_index_command(folder, model_dir, out, workers=0)
-    assert (summary.indexed, len(summary.failed)) == (5, 1)
-    assert f"failed: {folder / 'empty.jpg'}: empty file (0 bytes)" in str(summary)
+    index_command = ["index", str(folder), "--model", str(model_dir), "--out", str(out), "--workers", "0"]
+    assert dinobridge(index_command) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("indexed 5, unchanged 0, removed 0, failed 1 in ")
+    assert f"failed: {folder / 'empty.jpg'}: empty file (0 bytes)" in printed
 
-    lines = run_search_command(out, None, ["a red square"], ["people"], [], 3, False).splitlines()
+    assert dinobridge(["search", str(out), "a red square", "--minus", "people", "-k", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 3
     for line in lines:
         score, path = line.split("  ")
         assert -1 <= float(score) <= 1 and Path(path).is_file()
-    records = json.loads(
-        run_search_command(out, model_dir, [], [], [str(folder / "trips/photo000.jpg")], 2, True)
-    )
+    query = ["search", str(out), "--image", str(folder / "trips/photo000.jpg"), "-k", "2", "--json"]
+    assert dinobridge([*query, "--model", str(model_dir)]) == 0
+    records = json.loads(capsys.readouterr().out)
     assert [set(r) for r in records] == [{"path", "score"}] * 2
     assert records[0]["path"] == str(folder / "trips/photo000.jpg")
+
+
+def test_cli_search_says_when_the_index_is_empty_or_does_not_record_its_model(
+    tmp_path: Path, tiny_bridge, capsys: pytest.CaptureFixture
+) -> None:
+    folder, model_dir = tmp_path / "photos", tmp_path / "model"
+    names = make_photos(folder, 2)
+    tiny_bridge.save_pretrained(model_dir)
+    build(folder, tiny_bridge, tmp_path / "unrecorded")
+    assert dinobridge(["search", str(tmp_path / "unrecorded"), "a red square"]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (  # after the progress bars of saving the model
+        f"dinobridge search: error: index '{tmp_path / 'unrecorded'}' does not record its model; "
+        "pass the bridge directory (--model)"
+    )
+
+    build(folder, tiny_bridge, tmp_path / "index", model_dir=model_dir)
+    for name in names:
+        (folder / name).unlink()
+    assert len(build(folder, tiny_bridge, tmp_path / "index")) == 0
+    assert dinobridge(["search", str(tmp_path / "index"), "a red square"]) == 0
+    assert capsys.readouterr().out == f"index '{tmp_path / 'index'}' is empty\n"
