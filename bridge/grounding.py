@@ -23,10 +23,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 import torch.nn.functional as F
-from matplotlib import colormaps
 from PIL import Image, ImageDraw
 
-from bridge.vision import Preprocessing
+from bridge.vision import Preprocessing, check_image_size
 
 if TYPE_CHECKING:
     from bridge.model import TextBridge
@@ -86,15 +85,6 @@ def check_class_names(class_names: Sequence[str]) -> list[str]:
 def parse_class_list(text: str) -> list[str]:
     """'cat, dog,sofa' -> ['cat', 'dog', 'sofa'], with `check_class_names`'s errors."""
     return check_class_names(text.split(",") if text.strip() else [])
-
-
-def check_image_size(image: Image.Image, patch_size: int) -> None:
-    width, height = image.size
-    if min(width, height) < patch_size:
-        raise ValueError(
-            f"image is {width}x{height} pixels, smaller than one {patch_size}-pixel patch of the encoder: "
-            f"it holds no patch to ground a text in; use an image at least {patch_size}x{patch_size}"
-        )
 
 
 def encode_class_names(
@@ -235,6 +225,8 @@ def overlay_heatmap(image: Image.Image, heatmap: torch.Tensor, alpha: float = 0.
 
     The map is stretched from its own minimum to its maximum: it shows where, not how sure.
     """
+    from matplotlib import colormaps  # here: matplotlib costs a second to import and only drawing needs it
+
     values = heatmap.float().numpy()
     low, high = values.min(), values.max()
     colours = colormaps["inferno"]((values - low) / max(high - low, 1e-8))[..., :3]
@@ -244,6 +236,8 @@ def overlay_heatmap(image: Image.Image, heatmap: torch.Tensor, alpha: float = 0.
 
 def draw_segmentation(image: Image.Image, segmentation: Segmentation, alpha: float = 0.6) -> Image.Image:
     """The image with each class's pixels tinted in its own colour and a legend underneath."""
+    from matplotlib import colormaps  # here: matplotlib costs a second to import and only drawing needs it
+
     palette = np.uint8(255 * np.asarray(colormaps["tab20"].colors)[:, :3])
     labels = segmentation.labels
     base = np.asarray(image.convert("RGB").resize(labels.shape[::-1]), dtype=np.float32)

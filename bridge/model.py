@@ -25,10 +25,9 @@ from torch import nn
 
 from bridge.config import BridgeConfig, ConfigError, from_dict, to_dict
 from bridge.fingerprint import fingerprint
-from bridge.grounding import check_image_size
 from bridge.projectors import build_projector
 from bridge.text import TextTower, build_text_tower
-from bridge.vision import FrozenEncoder, VisionFeatures
+from bridge.vision import FrozenEncoder, VisionFeatures, check_image_size
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"

@@ -15,6 +15,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -24,18 +25,22 @@ from torch import nn
 
 from bridge.config import ConfigError, EncoderConfig
 from bridge.fingerprint import fingerprint
-from bridge.runtime import EncodeSettings
+
+if TYPE_CHECKING:
+    from bridge.runtime import EncodeSettings  # only a type here; runtime imports accelerate
 
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# model_type -> the transformers class; all three share the [CLS, registers..., patches...] layout.
+# model_type -> the name of its transformers class; all three share the [CLS, registers..., patches...]
+# layout. Names, not classes: touching a class imports transformers' modeling code (seconds), which only
+# building an encoder needs, and a text query never builds one.
 ENCODER_CLASSES = {
-    "dinov2": transformers.Dinov2Model,
-    "dinov2_with_registers": transformers.Dinov2WithRegistersModel,
-    "dinov3_vit": transformers.DINOv3ViTModel,
+    "dinov2": "Dinov2Model",
+    "dinov2_with_registers": "Dinov2WithRegistersModel",
+    "dinov3_vit": "DINOv3ViTModel",
 }
 
 
@@ -152,6 +157,16 @@ class Preprocessing:
         mean = torch.tensor(self.mean, device=image.device).view(3, 1, 1) * 255
         std = torch.tensor(self.std, device=image.device).view(3, 1, 1) * 255
         return (resized - mean) / std
+
+
+def check_image_size(image: Image.Image, patch_size: int) -> None:
+    """An image with no side as long as one patch holds nothing to map a text onto: say so, not crash."""
+    width, height = image.size
+    if min(width, height) < patch_size:
+        raise ValueError(
+            f"image is {width}x{height} pixels, smaller than one {patch_size}-pixel patch of the encoder: "
+            f"it holds no patch to ground a text in; use an image at least {patch_size}x{patch_size}"
+        )
 
 
 class FrozenEncoder(nn.Module):
@@ -324,7 +339,7 @@ def _encoder_class(model_type: str, what: str) -> type:
         raise ConfigError(
             f"{what} is a '{model_type}' model; dinobridge encoders are {', '.join(ENCODER_CLASSES)}"
         )
-    return ENCODER_CLASSES[model_type]
+    return getattr(transformers, ENCODER_CLASSES[model_type])
 
 
 def _checkpoint_preprocessing(name: str, model_config) -> Preprocessing:
