@@ -1,62 +1,101 @@
 """TextBridge: a frozen encoder, a trained projector and a frozen text tower in one shared space.
 
-The user-facing model of the text route: `encode_image`, `encode_text`, `similarity`, per-patch
-embeddings, and `save_pretrained` / `from_pretrained`. A saved bridge is a directory with `config.json`
-(what the encoder and tower are, by hub name or absolute local path), the trained weights in
-`model.safetensors` (a few MB), and `encoder/` only when the encoder was built from a config and so
-exists nowhere else. Nothing is ever unpickled.
+The user-facing model of the text route: `encode_images` / `encode_texts` (batched inference, numpy
+out), `encode_image` / `encode_text` (tensors that keep gradients, for training), `similarity`,
+per-patch embeddings, and `save_pretrained` / `from_pretrained`. A saved bridge is a directory with
+`config.json` (what the encoder and tower are, by hub name or absolute local path, and the bridge's
+fingerprint), the trained weights in `model.safetensors` (a few MB), and `encoder/` only when the encoder
+was built from a config and so exists nowhere else. Nothing is ever unpickled.
 
 Not here: training (training/align.py) or the image index (index.py).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+from tqdm.auto import tqdm
 
 from bridge.config import BridgeConfig, ConfigError, from_dict, to_dict
 from bridge.fingerprint import fingerprint
-from bridge.projectors import build_projector
+from bridge.images import load_image
+from bridge.projectors import build_projector, check_widths
 from bridge.text import TextTower, build_text_tower
 from bridge.vision import FrozenEncoder, VisionFeatures, check_image_size
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 ENCODER_DIR = "encoder"  # where an encoder built from a config is saved inside a bridge
+# CLIP caps its learned temperature at 100 so the logits cannot blow up early in training; the losses cap
+# it, and so does every use of the scale outside training (zero-shot probabilities).
+MAX_LOGIT_SCALE = 100.0
 
 ImageInput = Sequence[Image.Image] | torch.Tensor | VisionFeatures
+ImageSource = str | os.PathLike | Image.Image  # what `encode_images` takes, mixed freely
 
 
 class TextBridge(nn.Module):
-    """Frozen encoder -> trained projector -> the frozen text tower's embedding space."""
+    """Frozen encoder -> trained projector -> the frozen text tower's embedding space.
 
-    def __init__(self, config: BridgeConfig, encoder: FrozenEncoder, tower: TextTower, projector: nn.Module):
+    `encoder` None builds it from `config.encoder` on first use (see `encoder`).
+    """
+
+    def __init__(
+        self, config: BridgeConfig, encoder: FrozenEncoder | None, tower: TextTower, projector: nn.Module
+    ):
         super().__init__()
         self.config = config
-        self.encoder = encoder
+        if encoder is not None:
+            self._modules["encoder"] = encoder  # as `self.encoder = encoder` would, past the property
         self.tower = tower
         self.projector = projector
         # Learnable temperature (CLIP's 1/0.07 start) and bias (SigLIP's -10 start); each loss uses its own.
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.logit_bias = nn.Parameter(torch.tensor(-10.0))
+        # (fingerprint, the projector's own fingerprint when it was taken): see `fingerprint`.
+        self._fingerprint: tuple[str, str] | None = None
 
     @classmethod
     def from_config(cls, config: BridgeConfig) -> TextBridge:
-        """A new bridge with an untrained projector. Width mismatches fail before weights are built."""
+        """A new bridge with an untrained projector. Width mismatches fail before weights are built.
+
+        `config` is copied, never changed: the widths found in the encoder and the tower go into the
+        bridge's own `config`.
+        """
+        config = copy.deepcopy(config)
         encoder = FrozenEncoder.from_config(config.encoder)
+        return cls._assemble(config, encoder, encoder.hidden_size)
+
+    @classmethod
+    def _assemble(cls, config: BridgeConfig, encoder: FrozenEncoder | None, in_dim: int) -> TextBridge:
+        """The bridge of `config` (which it keeps and fills in) around `encoder`, whose width is in_dim."""
         tower = build_text_tower(config.text)
-        projector = build_projector(config.projector, encoder.hidden_size, tower.embed_dim)
-        config.projector.in_dim, config.projector.out_dim = encoder.hidden_size, tower.embed_dim
+        projector = build_projector(config.projector, in_dim, tower.embed_dim)
+        config.projector.in_dim, config.projector.out_dim = in_dim, tower.embed_dim
         return cls(config, encoder, tower, projector)
+
+    @property
+    def encoder(self) -> FrozenEncoder:
+        """The frozen encoder. A bridge from `from_pretrained` builds it here, on first use: a text query
+        never runs it, and loading a real DINOv2 takes seconds."""
+        if "encoder" not in self._modules:
+            encoder = FrozenEncoder.from_config(self.config.encoder)
+            check_widths(self.config.projector, encoder.hidden_size, self.tower.embed_dim)
+            # Where and in what dtype `.to()` would have put it, had it existed then.
+            self._modules["encoder"] = encoder.to(self.logit_scale.device, self.logit_scale.dtype)
+        return self._modules["encoder"]
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -83,9 +122,51 @@ class TextBridge(nn.Module):
         return self.projector(features.to(dtype=_param_dtype(self.projector)), with_patches=with_patches)
 
     def encode_image(self, images: ImageInput, normalize: bool = True) -> torch.Tensor:
-        """Images (or their cached features) -> (B, E) image embeddings in the text space."""
+        """One batch of RGB PIL images, pixel values or cached features -> (B, E) image embeddings in the
+        text space, on the bridge's device.
+
+        The training-side call: the result keeps its gradient and the projector its mode (dropout on
+        while training). To embed files or many images, use `encode_images`.
+        """
         embedding, _ = self.project(images, with_patches=False)
         return F.normalize(embedding, dim=-1) if normalize else embedding
+
+    def encode_images(
+        self,
+        images: Sequence[ImageSource] | VisionFeatures,
+        batch_size: int = 32,
+        convert_to_numpy: bool = True,
+        normalize: bool = True,
+        progress: bool = False,
+    ) -> np.ndarray | torch.Tensor:
+        """Images -> (N, E) float32 embeddings in the text space, as sentence-transformers' `encode`.
+
+        images: file paths and PIL images, mixed, or features the encoder already computed. Each image
+        goes through `bridge.images.load_image`, so a file that cannot be read raises its `ImageLoadError`
+        naming it. Runs `batch_size` images at a time, without autograd and with the projector in eval
+        mode (restored after); returns numpy, or with convert_to_numpy=False a tensor on the CPU.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if isinstance(images, str | os.PathLike | Image.Image):
+            images = [images]
+        parts = [torch.zeros(0, self.tower.embed_dim)]
+        training = self.projector.training
+        self.projector.eval()
+        try:
+            # no_grad, not inference_mode: a returned tensor may meet autograd later (say, as a fixed
+            # target), which inference tensors refuse.
+            with torch.no_grad():
+                starts = range(0, len(images), batch_size)
+                for start in tqdm(starts, desc="encoding images", unit="batch", disable=not progress):
+                    batch = images[start : start + batch_size]
+                    if not isinstance(batch, VisionFeatures):
+                        batch = [load_image(image) for image in batch]
+                    parts.append(self.encode_image(batch, normalize).float().cpu())
+        finally:
+            self.projector.train(training)
+        embeddings = torch.cat(parts)
+        return embeddings.numpy() if convert_to_numpy else embeddings
 
     def encode_image_patches(self, images: ImageInput, normalize: bool = True) -> torch.Tensor:
         """Images -> (B, h*w, E) per-patch embeddings in the text space (grid from `features().grid_hw`)."""
@@ -93,9 +174,23 @@ class TextBridge(nn.Module):
         return F.normalize(patches, dim=-1) if normalize else patches
 
     def encode_text(self, texts: Sequence[str] | str, normalize: bool = True) -> torch.Tensor:
-        """Texts -> (T, E) embeddings from the frozen tower."""
+        """Texts -> (T, E) embeddings from the frozen tower, a tensor on the bridge's device (the tower is
+        frozen, so it never carries a gradient). `encode_texts` is the same, numpy out."""
         embedding = self.tower.encode([texts] if isinstance(texts, str) else texts).to(self.device)
         return F.normalize(embedding, dim=-1) if normalize else embedding
+
+    def encode_texts(
+        self,
+        texts: Sequence[str] | str,
+        batch_size: int = 64,
+        convert_to_numpy: bool = True,
+        normalize: bool = True,
+    ) -> np.ndarray | torch.Tensor:
+        """Texts -> (T, E) float32 embeddings, as sentence-transformers' `encode`: `batch_size` texts of
+        similar length at a time; numpy, or with convert_to_numpy=False a tensor on the CPU."""
+        embeddings = self.tower.encode([texts] if isinstance(texts, str) else list(texts), batch_size)
+        embeddings = F.normalize(embeddings, dim=-1) if normalize else embeddings
+        return embeddings.numpy() if convert_to_numpy else embeddings
 
     @torch.no_grad()
     def similarity(self, images: ImageInput, texts: Sequence[str] | str) -> torch.Tensor:
@@ -118,11 +213,20 @@ class TextBridge(nn.Module):
     def fingerprint(self) -> str:
         """A hash of what decides the embeddings: encoder, tower and projector weights.
 
-        An image index stores it and refuses queries from a bridge with another one.
+        An image index stores it and refuses queries from a bridge with another one. Hashing a real
+        encoder and tower takes seconds, and both are frozen, so the value is kept and only the
+        projector, the part that trains (a few MB, milliseconds), is hashed again on each call: a changed
+        projector (an optimiser step, `load_weights`) means a new fingerprint. A bridge from
+        `from_pretrained` starts with the value saved with it, which spares it the hashing and the
+        building of its encoder.
         """
-        # The tower's weights are hashed below; of its config only what changes outputs, not its path.
-        text = json.dumps([self.config.text.kind, self.config.text.max_length])
-        return fingerprint(nn.ModuleList([self.tower, self.projector]), self.encoder.fingerprint(), text)
+        projector = fingerprint(self.projector)
+        if self._fingerprint is None or self._fingerprint[1] != projector:
+            # The tower's weights are hashed below; of its config only what changes outputs, not its path.
+            text = json.dumps([self.config.text.kind, self.config.text.max_length])
+            modules = nn.ModuleList([self.tower, self.projector])
+            self._fingerprint = (fingerprint(modules, self.encoder.fingerprint(), text), projector)
+        return self._fingerprint[0]
 
     def save_pretrained(self, directory: str | Path) -> None:
         directory = Path(directory)
@@ -137,7 +241,13 @@ class TextBridge(nn.Module):
             self.encoder.save_pretrained(directory / ENCODER_DIR)
             config.encoder.name = ENCODER_DIR
             config.encoder.image_size = None  # the saved preprocessor config already has it
-        (directory / CONFIG_FILE).write_text(json.dumps({"bridge": to_dict(config)}, indent=2) + "\n")
+        # The fingerprint is saved with the projector's own, so a load can tell it is still these weights'.
+        saved = {
+            "bridge": to_dict(config),
+            "fingerprint": self.fingerprint(),
+            "projector_fingerprint": self._fingerprint[1],
+        }
+        (directory / CONFIG_FILE).write_text(json.dumps(saved, indent=2) + "\n")
         weights = {f"projector.{k}": v.contiguous() for k, v in self.projector.state_dict().items()}
         weights["logit_scale"] = self.logit_scale.detach()
         weights["logit_bias"] = self.logit_bias.detach()
@@ -149,11 +259,21 @@ class TextBridge(nn.Module):
         config_file = directory / CONFIG_FILE
         if not config_file.is_file():
             raise FileNotFoundError(f"'{directory}' is not a saved bridge: it has no {CONFIG_FILE}")
-        config = from_dict(BridgeConfig, json.loads(config_file.read_text())["bridge"], str(config_file))
+        saved = json.loads(config_file.read_text())
+        config = from_dict(BridgeConfig, saved["bridge"], str(config_file))
         if config.encoder.name == ENCODER_DIR:
             config.encoder.name = str(directory / ENCODER_DIR)
-        bridge = cls.from_config(config)
+        # The saved widths let the projector be built now and the encoder on first use (`encoder`); only a
+        # config without them (written by hand) needs the encoder to tell its width.
+        encoder = None if config.projector.in_dim else FrozenEncoder.from_config(config.encoder)
+        bridge = cls._assemble(config, encoder, config.projector.in_dim or encoder.hidden_size)
         bridge.load_weights(directory / WEIGHTS_FILE)
+        # The saved fingerprint stands for these weights if the projector is still the one it was saved
+        # with (a weights file copied in from another run is not); bridges saved before it was kept, or
+        # whose file does not match, compute theirs.
+        projector = fingerprint(bridge.projector)
+        if saved.get("fingerprint") and saved.get("projector_fingerprint") == projector:
+            bridge._fingerprint = (saved["fingerprint"], projector)
         return bridge
 
     def load_weights(self, path: str | Path) -> None:

@@ -38,6 +38,19 @@ def build_projector(config: ProjectorConfig, in_dim: int, out_dim: int) -> nn.Mo
     """
     if config.kind not in PROJECTORS:
         raise ConfigError(f"unknown projector '{config.kind}'; registered: {', '.join(sorted(PROJECTORS))}")
+    check_widths(config, in_dim, out_dim)
+    cls = PROJECTORS[config.kind]
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "in_dim", "out_dim"}
+    for key in config.options:
+        if key not in accepted:
+            raise ConfigError(
+                f"unknown option '{key}' for projector '{config.kind}'; it accepts: {', '.join(sorted(accepted))}"
+            )
+    return cls(in_dim, out_dim, **config.options)
+
+
+def check_widths(config: ProjectorConfig, in_dim: int, out_dim: int) -> None:
+    """The widths the config records (None: any) against the encoder's and the tower's actual ones."""
     if config.in_dim is not None and config.in_dim != in_dim:
         raise ConfigError(
             f"projector expects {config.in_dim}-d patches but the encoder gives {in_dim}-d ones; "
@@ -48,14 +61,6 @@ def build_projector(config: ProjectorConfig, in_dim: int, out_dim: int) -> nn.Mo
             f"projector outputs {config.out_dim}-d embeddings but the text tower's are {out_dim}-d; "
             f"set projector.out_dim to {out_dim} (or null)"
         )
-    cls = PROJECTORS[config.kind]
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "in_dim", "out_dim"}
-    for key in config.options:
-        if key not in accepted:
-            raise ConfigError(
-                f"unknown option '{key}' for projector '{config.kind}'; it accepts: {', '.join(sorted(accepted))}"
-            )
-    return cls(in_dim, out_dim, **config.options)
 
 
 @register_projector("linear")

@@ -74,6 +74,9 @@ class VisionFeatures:
             parts[0].layer,
         )
 
+    def __len__(self) -> int:
+        return len(self.cls)
+
     def __getitem__(self, index) -> VisionFeatures:
         return VisionFeatures(
             self.cls[index], self.registers[index], self.patches[index], self.grid_hw, self.layer

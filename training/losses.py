@@ -9,8 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# CLIP clamps its temperature at 100 so the logits cannot blow up early in training.
-MAX_LOGIT_SCALE = 100.0
+from bridge.model import MAX_LOGIT_SCALE
 
 
 def infonce_loss(
