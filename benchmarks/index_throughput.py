@@ -30,7 +30,8 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.encode_throughput import flops_per_image, matmul_tflops  # noqa: E402
 from bridge.config import BridgeConfig  # noqa: E402
-from bridge.index import ImageIndex, _prepare  # noqa: E402
+from bridge.index import ImageIndex  # noqa: E402
+from bridge.index_update import _prepare  # noqa: E402
 from bridge.model import TextBridge  # noqa: E402
 from bridge.runtime import encode_settings  # noqa: E402
 

@@ -20,8 +20,8 @@ An index searches through the `SearchBackend` protocol: `build` over one space's
 `search`. A new back-end is one class here under `@register_backend("name")`, which puts it in
 `BACKENDS`; `choose_backend` holds the rule "auto" follows.
 
-Not here: what an index stores or how it is updated (index.py, index_files.py), how a query vector is
-made (index.py).
+Not here: what an index stores or how it is updated (index_files.py, index_update.py), how a query
+vector is made (index.py).
 """
 
 from __future__ import annotations

@@ -97,7 +97,7 @@ def test_two_process_index_equals_the_one_process_index_and_so_does_its_update(
         two = ImageIndex.load(tmp_path / "two", tiny_bridge)
         # The same files with the same records (rows come in another order: each process's shards in turn).
         assert sorted(two.paths) == sorted(one.paths) and len(set(two.paths)) == len(two.paths)
-        assert {p: two._record(p) for p in two.paths} == {p: one._record(p) for p in one.paths}
+        assert {p: two.store.record(p) for p in two.paths} == {p: one.store.record(p) for p in one.paths}
         # Each process embeds every other file, so batches differ: equal to float16 rounding.
         expected, found = by_path(one), by_path(two)
         for path in one.paths:

@@ -1,5 +1,5 @@
-"""Tests for the image index (bridge/index.py, search.py and the CLI's two verbs): building, updating,
-surviving a kill, refusing a foreign model, searching.
+"""Tests for the image index (index.py, index_update.py, index_files.py, search.py and the CLI's two verbs):
+building, updating, surviving a kill, refusing a foreign model, searching.
 
 Every folder is made here in tmp_path; the model is the tiny bridge from conftest.py. Each test asserts what
 a user relies on: which files are indexed or reported with which reason, that a rerun embeds nothing it
@@ -68,7 +68,7 @@ def make_photos(folder: Path, count: int, first_seed: int = 0) -> list[str]:
 
 
 def by_path(index: ImageIndex) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    text, image = index._view("text"), index._view("image")
+    text, image = index.store.view("text"), index.store.view("image")
     return {path: (text[row], image[row]) for row, path in enumerate(index.paths)}
 
 
@@ -203,8 +203,8 @@ def test_worker_processes_give_the_same_index_as_one_process(tmp_path: Path, tin
     assert pooled.paths == alone.paths == sorted([*names, "sideways.jpg"])
     assert pooled.summary.failed == alone.summary.failed
     assert [path for path, _ in pooled.summary.failed] == [str(folder / "cut.jpg")]
-    np.testing.assert_array_equal(pooled._view("text"), alone._view("text"))
-    np.testing.assert_array_equal(pooled._view("image"), alone._view("image"))
+    np.testing.assert_array_equal(pooled.store.view("text"), alone.store.view("text"))
+    np.testing.assert_array_equal(pooled.store.view("image"), alone.store.view("image"))
 
 
 # --- reruns, kills, and a foreign model -----------------------------------------------------------------
@@ -292,7 +292,7 @@ def test_rerun_embeds_only_new_and_changed_files(tmp_path: Path, tiny_bridge) ->
     assert (summary.indexed, summary.unchanged, summary.removed, summary.total) == (2, 6, 1, 8)
     assert sum(len(b) for b in batches) == 2
     assert sorted(index.paths) == sorted({*names, "trips/new.jpg"} - {names[2]})
-    assert index._record(names[1]).mtime_ns == 1_000_000_000
+    assert index.store.record(names[1]).mtime_ns == 1_000_000_000
     after = by_path(index)
     np.testing.assert_array_equal(after[names[1]][0], before[names[1]][0])  # touched: carried over
     fresh = tiny_bridge.encode_image([load_image(edited)]).detach().numpy()[0]
@@ -341,7 +341,8 @@ def photo_index(tmp_path_factory, tiny_bridge) -> ImageIndex:
 
 
 def test_text_minus_and_image_queries_follow_their_definitions(photo_index: ImageIndex, tiny_bridge) -> None:
-    text, image = photo_index._view("text").astype(np.float32), photo_index._view("image").astype(np.float32)
+    text = photo_index.store.view("text").astype(np.float32)
+    image = photo_index.store.view("image").astype(np.float32)
     root = photo_index.root
     plus, minus = tiny_bridge.encode_text("a red square")[0], tiny_bridge.encode_text("people")[0]
     query = torch.nn.functional.normalize(plus - minus, dim=0).numpy()
@@ -414,7 +415,7 @@ def test_a_quantised_faiss_index_is_saved_in_the_index_and_read_back(
     exact = photo_index.search(text="a red square", k=5, backend="exact")
     assert photo_index.search(text="a red square", k=5, backend="faiss") == exact  # 32 x k re-ranked: all 30
     saved = list(photo_index.directory.glob("faiss-text-*"))
-    assert [p.name for p in saved] == [f"faiss-text-{photo_index._manifest['generation']}.npz"]
+    assert [p.name for p in saved] == [f"faiss-text-{photo_index.store.generation}.npz"]
     monkeypatch.setattr(search_module, "build_faiss_index", lambda *_, **__: pytest.fail("rebuilt, not read"))
     reopened = ImageIndex.load(photo_index.directory, tiny_bridge)
     assert reopened.search(text="a red square", k=5, backend="faiss") == exact
@@ -486,7 +487,7 @@ def test_without_faiss_search_falls_back_to_exact_and_says_so_once(
 
 
 def test_save_compacts_and_load_gives_the_same_results(photo_index: ImageIndex, tmp_path: Path) -> None:
-    assert len(photo_index._shards) == 4  # 30 images committed 8 at a time
+    assert len(photo_index.store.shards) == 4  # 30 images committed 8 at a time
     photo_index.save(tmp_path / "copy")
     copy_ = ImageIndex.load(tmp_path / "copy", photo_index.bridge)
     assert [p.name for p in sorted((tmp_path / "copy").iterdir())] == [

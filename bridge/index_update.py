@@ -1,0 +1,223 @@
+"""The update pipeline of an image index: walk the folder, decode in worker processes, embed, commit.
+
+`update_index` brings an index in line with its folder (what `ImageIndex.update` promises is said
+there): files are read, hashed and decoded in workers (decoding.py), embedded here a batch at a time, and
+committed every `commit_every` images; under `accelerate launch` each process does its share and the main
+process merges the parts.
+
+Not here: how a commit is made atomic and what the files are (index_files.py), queries (index.py,
+search.py), the rules that say whether a file is an image and why it failed (images.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from bridge.decoding import decode_jpegs, gpu_decodable, ordered_map, pixel_batch
+from bridge.images import ImageLoadError, is_supported_image, try_load_image
+from bridge.index import IndexSummary, embed_images
+from bridge.index_files import FAILURE_LOG, FileRecord, IndexStore, Part, Shard, write_atomic
+from bridge.runtime import processes
+
+if TYPE_CHECKING:
+    from bridge.model import TextBridge
+
+log = logging.getLogger(__name__)
+
+
+def update_index(
+    store: IndexStore,
+    bridge: TextBridge,
+    *,
+    workers: int | None,
+    batch_size: int,
+    commit_every: int,
+    progress: bool,
+    gpu_decode: bool | None,
+) -> IndexSummary:
+    """Embed the new and changed files of the folder `store` indexes, drop the deleted ones; the run's
+    summary (arguments as `ImageIndex.update` takes them)."""
+    root = store.root
+    if not root.is_dir():  # an unmounted drive must not read as "every image was deleted"
+        raise FileNotFoundError(f"folder '{root}' indexed by '{store.directory}' is not there")
+    started, summary = time.perf_counter(), IndexSummary()
+    state = processes()
+    rank, world = state.process_index, state.num_processes
+    if rank == 0:
+        store.remove_orphans()
+    state.wait_for_everyone()
+    tasks, gone = _scan(root, store, summary if rank == 0 else IndexSummary())
+    tasks = tasks[rank::world]
+    part = Part(store.directory, rank, world, store.manifest["next_shard"]) if world > 1 else None
+    commit = store.commit if part is None else part.add
+    if gone and rank == 0:
+        store.commit([], [], [], drops=gone)
+        summary.removed = len(gone)
+
+    records, text, image, drops, batch = [], [], [], [], []
+    preprocessing, device = bridge.encoder.preprocessing, bridge.encoder.device
+    gpu_decode = device.type == "cuda" if gpu_decode is None else gpu_decode
+
+    def embed_batch() -> None:
+        clock = time.perf_counter()
+        decoded = _decode_left_for_the_device(batch, preprocessing, device)
+        for record, error in [(r, p) for r, p in decoded if isinstance(p, ImageLoadError)]:
+            summary.failed.append((str(root / record.path), error.reason))
+            summary.indexed -= 1
+            if record.path in store.live:  # changed and now unreadable: its old embedding is stale
+                drops.append(store.live[record.path])
+        good = [(record, pixels) for record, pixels in decoded if not isinstance(pixels, ImageLoadError)]
+        if good:
+            vectors = embed_images(bridge, pixel_batch([pixels for _, pixels in good], device))
+            records.extend(record for record, _ in good)
+            text.extend(vectors[0])
+            image.extend(vectors[1])
+        summary.model_seconds += time.perf_counter() - clock
+        batch.clear()
+
+    timing = {"wait": 0.0}
+    jobs = [(path, known, preprocessing, gpu_decode) for path, _, _, _, known in tasks]
+    results = ordered_map(_prepare, jobs, workers, 2 * batch_size, timing)
+    for (path, relative, size, mtime_ns, _), (_, result) in tqdm(
+        zip(tasks, results, strict=True),
+        total=len(tasks),
+        desc="indexing",
+        unit="img",
+        disable=not progress,
+    ):
+        if isinstance(result, ImageLoadError):
+            summary.failed.append((path, result.reason))
+            if relative in store.live:  # changed and now unreadable: its old embedding is stale
+                drops.append(store.live[relative])
+            continue
+        record = FileRecord(relative, size, mtime_ns, sha256=result[0])
+        if result[1] is None:  # touched but the same content: keep the embeddings, update the record
+            shard, row = store.live[relative]
+            records.append(record)
+            text.append(shard.text[row])
+            image.append(shard.image[row])
+            summary.unchanged += 1
+        else:
+            batch.append((record, result[1]))
+            summary.indexed += 1
+            if len(batch) >= batch_size or len(records) + len(batch) >= commit_every:
+                embed_batch()
+        if len(records) >= commit_every:
+            commit(records, text, image, drops)
+            records, text, image, drops = [], [], [], []
+    if batch:
+        embed_batch()
+    if records or drops:
+        commit(records, text, image, drops)
+    if part is not None:
+        part.finish(
+            {"indexed": summary.indexed, "unchanged": summary.unchanged, "failed": summary.failed}
+            | {"model_seconds": summary.model_seconds}
+        )
+        state.wait_for_everyone()
+        if rank == 0:
+            for other in store.merge_parts(world)[1:]:  # the main process's own counts are in `summary`
+                summary.indexed += other["indexed"]
+                summary.unchanged += other["unchanged"]
+                summary.failed += [tuple(failure) for failure in other["failed"]]
+                summary.model_seconds = max(summary.model_seconds, other["model_seconds"])
+        state.wait_for_everyone()
+        if rank != 0:
+            return summary
+    if store.fragmented():
+        store.save(store.directory)
+
+    summary.failure_log = str(store.directory / FAILURE_LOG)
+    write_atomic(store.directory / FAILURE_LOG, "".join(f"{p}: {r}\n" for p, r in summary.failed))
+    summary.total, summary.decode_wait_seconds = len(store), timing["wait"]
+    summary.seconds = time.perf_counter() - started
+    log.info("index '%s': %s", store.directory, summary)
+    return summary
+
+
+def _scan(
+    root: Path, store: IndexStore, summary: IndexSummary
+) -> tuple[list[tuple], list[tuple[Shard, int]]]:
+    """Walk the folder: (files to read, rows of files gone). Files whose size and mtime match their
+    record count as unchanged unread; files that cannot even be stat'ed count as failed."""
+    tasks, seen = [], set()
+    for path in _image_files(root, summary.failed):
+        relative = path.relative_to(root).as_posix()
+        try:
+            stat = path.stat()
+        except OSError:  # a broken link, say: the loader words the reason
+            error = try_load_image(path)[1] or ImageLoadError(str(path), "cannot read its size")
+            summary.failed.append((str(path), error.reason))
+            continue
+        seen.add(relative)
+        old = store.record(relative)
+        if old is not None and (old.size, old.mtime_ns) == (stat.st_size, stat.st_mtime_ns):
+            summary.unchanged += 1
+        else:
+            known = old.sha256 if old else None
+            tasks.append((str(path), relative, stat.st_size, stat.st_mtime_ns, known))
+    return tasks, [store.live[relative] for relative in store.live if relative not in seen]
+
+
+def _image_files(root: Path, failed: list[tuple[str, str]]) -> Iterator[Path]:
+    """Supported image files under `root`, recursively, sorted. Links to files are followed, links to
+    folders are not (no loops); folders that cannot be listed are reported in `failed`."""
+
+    def unlisted(error: OSError) -> None:
+        failed.append((str(error.filename), f"cannot list the folder ({error.strerror or error})"))
+
+    for folder, subfolders, files in os.walk(root, onerror=unlisted):
+        subfolders.sort()
+        yield from (Path(folder, name) for name in sorted(files) if is_supported_image(name))
+
+
+# --- decoding: `_prepare` runs in the worker processes, the rest here --------------------------------------
+
+
+def _prepare(
+    path: str, known_sha256: str | None, preprocessing, gpu_decode: bool = False
+) -> tuple[str, np.ndarray | bytes | None] | ImageLoadError:
+    """One file -> (sha256, preprocessed pixels (3, S, S) float32, or None if the content is the known
+    one, or with `gpu_decode` the file's bytes if it is a JPEG the GPU decodes exactly), or its
+    ImageLoadError. Runs in a worker, so it returns errors rather than raising them."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read()
+    except OSError:
+        return try_load_image(path)[1] or ImageLoadError(path, "cannot read the file")
+    sha256 = hashlib.sha256(data).hexdigest()
+    if sha256 == known_sha256:
+        return sha256, None
+    if gpu_decode and gpu_decodable(data):
+        return sha256, data
+    image, error = try_load_image(data)
+    if error is not None:
+        return ImageLoadError(path, error.reason)  # the loader saw bytes; name the file
+    return sha256, preprocessing([image])[0].numpy()
+
+
+def _decode_left_for_the_device(batch: list[tuple], preprocessing, device: torch.device) -> list[tuple]:
+    """(record, pixels or JPEG bytes) -> (record, pixels or ImageLoadError): the JPEGs workers left as
+    bytes decoded on `device` in one call; one the GPU decoder rejects goes to the CPU loader, which
+    decodes it or says why not, as it would have in a worker."""
+    jpegs = [i for i, (_, item) in enumerate(batch) if isinstance(item, bytes)]
+    decoded = list(batch)
+    for i, pixels in zip(
+        jpegs, decode_jpegs([batch[i][1] for i in jpegs], preprocessing, device), strict=True
+    ):
+        record, data = batch[i]
+        if pixels is None:
+            loaded, error = try_load_image(data)
+            pixels = preprocessing([loaded])[0] if error is None else error
+        decoded[i] = (record, pixels)
+    return decoded
