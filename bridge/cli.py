@@ -359,11 +359,11 @@ def _eval_retrieval(args) -> int:
 
 
 def _eval_zeroshot(args) -> int:
-    from bridge.grounding import encode_class_names
     from bridge.model import TextBridge
+    from bridge.zeroshot import zero_shot_classify
     from training.cache import FeatureCache
     from training.data import Pair, load_image_folder
-    from training.evaluate import PROMPT_TEMPLATES, zeroshot_accuracy
+    from training.evaluate import zeroshot_accuracy
 
     bridge = TextBridge.from_pretrained(args.model)
     paths, labels, class_names = load_image_folder(args.data)
@@ -374,9 +374,8 @@ def _eval_zeroshot(args) -> int:
         raise ValueError(f"no image under '{args.data}' could be read; see the warnings above")
     label_of = dict(zip(paths, labels, strict=True))
     kept = [label_of[pair.image] for pair in features.pairs]
-    classes = encode_class_names(bridge, class_names, PROMPT_TEMPLATES)
-    images = bridge.encode_image(features[list(range(len(features)))]).detach()
-    metrics = zeroshot_accuracy(images, classes, kept)
+    probabilities = zero_shot_classify(bridge, features[list(range(len(features)))], class_names)
+    metrics = zeroshot_accuracy(probabilities, kept)
     metrics = {"images": len(kept), "classes": len(class_names), "skipped": len(features.failures), **metrics}
     if args.json:
         print(json.dumps(metrics, indent=2))

@@ -18,17 +18,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from bridge.model import TextBridge
 from bridge.vision import Preprocessing, check_image_size
-
-if TYPE_CHECKING:
-    from bridge.model import TextBridge
+from bridge.zeroshot import check_class_names, encode_class_names
 
 # Each class name is scored as the mean embedding of these phrasings (CLIP's prompt ensembling). Sizes
 # and places are what captions say about objects, so the ensemble meets the patch embeddings where the
@@ -66,37 +64,9 @@ class Segmentation:
     threshold: float
 
 
-def check_class_names(class_names: Sequence[str]) -> list[str]:
-    """The class names, stripped; an empty list or a blank name is an error that says which one."""
-    if isinstance(class_names, str):
-        raise ValueError(f"class names must be a list, not the string {class_names!r}; split it first")
-    if not class_names:
-        raise ValueError('no class names given; pass at least one, e.g. --classes "cat,dog"')
-    names = [name.strip() for name in class_names]
-    for number, name in enumerate(names, start=1):
-        if not name:
-            raise ValueError(
-                f"class name {number} of {len(names)} is empty or only whitespace "
-                f"({class_names[number - 1]!r}); remove it or name the class"
-            )
-    return names
-
-
 def parse_class_list(text: str) -> list[str]:
     """'cat, dog,sofa' -> ['cat', 'dog', 'sofa'], with `check_class_names`'s errors."""
     return check_class_names(text.split(",") if text.strip() else [])
-
-
-def encode_class_names(
-    bridge: TextBridge, class_names: Sequence[str], templates: Sequence[str] = SEGMENTATION_TEMPLATES
-) -> torch.Tensor:
-    """(classes, E) normalised class embeddings: each the mean of its templated prompts."""
-    names = check_class_names(class_names)
-    if not templates:
-        raise ValueError("no prompt templates given; pass at least one, e.g. ('{}',)")
-    prompts = [template.format(name) for name in names for template in templates]
-    embeddings = bridge.encode_text(prompts).view(len(names), len(templates), -1).mean(1)
-    return F.normalize(embeddings, dim=-1)
 
 
 @torch.no_grad()

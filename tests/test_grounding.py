@@ -12,16 +12,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from bridge.cli import main
-from bridge.grounding import (
-    check_class_names,
-    encode_class_names,
-    heatmaps,
-    label_pixels,
-    parse_class_list,
-    refine_with_image,
-    segment,
-)
+from bridge.grounding import heatmaps, label_pixels, parse_class_list, refine_with_image, segment
 from bridge.synthetic import CLASS_NAMES, SyntheticWorld
+from bridge.zeroshot import check_class_names, encode_class_names
 from training.data import DataError, load_mask, load_segmentation_folder
 from training.evaluate import confusion_matrix, evaluate_segmentation, pointing_hit, segmentation_metrics
 from training.losses import dense_loss

@@ -21,15 +21,13 @@ from bridge.grounding import (
     DEFAULT_THRESHOLD,
     REFINE_ITERATIONS,
     SEGMENTATION_TEMPLATES,
-    encode_class_names,
     heatmaps,
     label_pixels,
 )
 from bridge.model import TextBridge
+from bridge.zeroshot import encode_class_names
 
 RECALL_AT = (1, 5, 10)
-# CLIP's short prompt ensemble: averaging a class name over a few phrasings steadies zero-shot results.
-PROMPT_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "{}")
 
 
 def retrieval_recall(
@@ -55,12 +53,11 @@ def retrieval_recall(
     return metrics
 
 
-def zeroshot_accuracy(
-    image_embeddings: torch.Tensor, class_embeddings: torch.Tensor, labels: Sequence[int]
-) -> dict[str, float]:
-    """Top-1/top-5 accuracy of normalised images (I, E) against normalised class embeddings (C, E)."""
+def zeroshot_accuracy(scores: np.ndarray | torch.Tensor, labels: Sequence[int]) -> dict[str, float]:
+    """Top-1/top-5 accuracy of (images, classes) scores: `bridge.zeroshot.zero_shot_classify`'s
+    probabilities, or cosines, which rank the classes alike."""
     labels = torch.as_tensor(labels, dtype=torch.long)
-    scores = image_embeddings.float() @ class_embeddings.float().T
+    scores = torch.as_tensor(scores)
     top = scores.topk(min(5, scores.shape[1]), dim=1).indices
     return {
         "top1": (top[:, 0] == labels).float().mean().item(),
