@@ -13,6 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
+from bridge import __version__
 from bridge.config import ConfigError, RunConfig, load_config
 
 GROUNDING_BRIDGE = "demo-out/grounding/bridge"  # where `dinobridge demo grounding` saves its bridge
@@ -34,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dinobridge", description="Language on top of a frozen DINOv2.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("--version", action="version", version=f"dinobridge {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="train and compare two bridges on the offline default")
