@@ -77,7 +77,9 @@ class VisionLLM(nn.Module):
 
     @classmethod
     def from_config(cls, config: VisionLLMConfig) -> VisionLLM:
-        """A new VisionLLM with an untrained projector and a frozen LLM (LoRA attached if configured)."""
+        """A new VisionLLM with an untrained projector and a frozen LLM (LoRA attached if configured).
+        `config` is copied, never changed: the widths found go into the model's own `config`."""
+        config = copy.deepcopy(config)
         encoder = FrozenEncoder.from_config(config.encoder)
         llm, tokenizer = load_llm(config.llm)
         hidden_size = llm.config.get_text_config().hidden_size

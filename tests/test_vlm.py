@@ -7,6 +7,7 @@ Python process that never imports dinobridge.
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -250,3 +251,12 @@ def test_export_gives_the_same_logits_in_plain_transformers(tmp_path, scenes):
     assert results.pop("imported bridge") is False
     for name, difference in results.items():
         assert difference is not None and difference < 1e-4, f"{name}: max abs logit difference {difference}"
+
+
+def test_from_config_leaves_the_callers_config_as_it_was():
+    config = tiny_vlm_config()
+    before = copy.deepcopy(config)
+    model = VisionLLM.from_config(config)
+    assert config == before and config.projector.in_dim is None
+    assert model.config.projector.in_dim == TINY_DINOV2["hidden_size"]
+    assert model.config.projector.out_dim == TINY_LLAMA["hidden_size"]
