@@ -32,7 +32,7 @@ class EncodeSettings:
 
     device: torch.device
     dtype: torch.dtype
-    compile: bool  # torch.compile the encoder: +19% on an H100 (DESIGN.md), after a minute of compiling
+    compile: bool  # torch.compile the encoder: +19% on an H100 (benchmarks/RESULTS.md), after a minute of compiling
     batch_size: int
     gpu_decode: bool  # decode JPEGs with nvJPEG on the GPU (decoding.py), other files on the CPU
 

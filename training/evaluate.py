@@ -1,12 +1,13 @@
-"""Evaluation of a text bridge: retrieval recall@K, zero-shot accuracy, segmentation mIoU, pointing game.
+"""Evaluation: a text bridge's retrieval recall@K, zero-shot accuracy, segmentation mIoU and pointing game,
+and a VisionLLM's answer accuracy.
 
 Retrieval counts as COCO and Flickr30k evaluations do: text->image is right when the caption's own
 image ranks in the top K of the whole gallery; image->text when any of the image's captions does.
 Segmentation counts as the VOC and ADE benchmarks do: one confusion matrix over the whole data set
 (not a mean of per-image scores), IoU per class, the mean over the classes that occur; label 255 is
-ignored.
+ignored. Answers count as exact matches after lower-casing and trimming end punctuation, per question kind.
 
-Not here: LLM metrics (their own issue adds them).
+Not here: running the models (align.py, vlm.py hold the loops that call these).
 """
 
 from __future__ import annotations
