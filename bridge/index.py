@@ -106,7 +106,7 @@ class ImageIndex:
             index = cls(IndexStore.create(directory, bridge.fingerprint(), root), bridge)
         if model_dir is not None:  # written with the next commit
             index.store.manifest["model_dir"] = str(Path(model_dir).resolve())
-        index.summary = index.update(workers=workers, **options)
+        index.update(workers=workers, **options)
         return index
 
     def update(
@@ -137,7 +137,7 @@ class ImageIndex:
         from bridge.index_update import update_index
 
         bridge = self._use_bridge(bridge)
-        return update_index(
+        self.summary = update_index(
             self.store,
             bridge,
             workers=workers,
@@ -146,6 +146,7 @@ class ImageIndex:
             progress=progress,
             gpu_decode=gpu_decode,
         )
+        return self.summary
 
     # --- saving and loading ---------------------------------------------------------------------------
 

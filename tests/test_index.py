@@ -299,6 +299,9 @@ def test_rerun_embeds_only_new_and_changed_files(tmp_path: Path, tiny_bridge) ->
     np.testing.assert_allclose(after[names[0]][0], fresh, atol=2e-3)  # edited: re-embedded
     assert index.search(image=folder / "trips" / "new.jpg", k=1)[0][0] == str(folder / "trips" / "new.jpg")
     assert sorted(ImageIndex.load(out).paths) == sorted(index.paths)  # what was committed is what we see
+    os.utime(folder / names[3], ns=(1, 2_000_000_000))
+    returned = index.update(progress=False)  # an update on an open index keeps its summary too
+    assert index.summary is returned and (returned.indexed, returned.unchanged) == (0, 8)
 
 
 def test_missing_folder_is_an_error_not_a_mass_deletion(tmp_path: Path, tiny_bridge) -> None:
