@@ -238,9 +238,12 @@ def test_a_relative_open_clip_checkpoint_path_survives_a_change_of_directory(tmp
     monkeypatch.chdir(tmp_path)
     config = recipe_on_stand_ins("dinov3-b16-openclip.yaml", tmp_path)
     config.bridge.text.pretrained = "open_clip/tiny.safetensors"
-    TextBridge.from_config(config.bridge).save_pretrained("saved")
-    monkeypatch.chdir(tmp_path / "open_clip")
-    TextBridge.from_pretrained(tmp_path / "saved")
+    bridge = TextBridge.from_config(config.bridge)
+    bridge.save_pretrained("saved")
+    monkeypatch.chdir(tmp_path / "open_clip")  # where "open_clip/tiny.safetensors" names nothing
+    texts = ["a red picture", "a blue picture"]
+    reloaded = TextBridge.from_pretrained(tmp_path / "saved")  # its weights, not a fresh random tower
+    assert torch.equal(reloaded.encode_text(texts), bridge.encode_text(texts))
 
 
 def test_the_bridge_fingerprint_survives_save_and_reload(tmp_path, monkeypatch):
