@@ -84,6 +84,17 @@ def test_retrieval_recall_counts_the_paired_image_as_ground_truth():
     assert metrics["image_to_text_R@1"] == pytest.approx(1 / 3)  # only image 0 has its caption on top
 
 
+def test_retrieval_recall_counts_a_tie_as_a_miss():
+    """Embeddings that are all alike tell nothing apart: they must not score R@1 1.0."""
+    same = torch.nn.functional.normalize(torch.ones(12, 4), dim=-1)
+    metrics = retrieval_recall(same, same, list(range(12)))
+    assert all(
+        metrics[f"{direction}_R@{k}"] == 0.0
+        for direction in ("text_to_image", "image_to_text")
+        for k in (1, 5, 10)
+    )
+
+
 def test_a_jsonl_line_whose_image_is_missing_names_the_file_and_line(photo_folder):
     pairs = photo_folder / "pairs.jsonl"
     lines = pairs.read_text().splitlines()

@@ -40,14 +40,15 @@ def retrieval_recall(
     text_image = torch.as_tensor(text_image, dtype=torch.long)
     similarity = text_embeddings.float() @ image_embeddings.float().T  # (T, I)
     metrics = {}
-    # Rank of the right image for each caption: how many images score strictly higher.
+    # Rank of the right image for each caption: how many other images score as high or higher. A tie
+    # counts against the model, or a bridge that gave every image the same embedding would score R@1 1.0.
     right = similarity.gather(1, text_image[:, None])
-    text_rank = (similarity > right).sum(1)
-    # For each image, the best rank among its captions, ranking all captions by that image.
+    text_rank = (similarity >= right).sum(1) - 1
+    # For each image, the rank of its best-scoring caption: how many other images' captions score as high.
     by_image = similarity.T  # (I, T)
-    text_score_rank = by_image.argsort(dim=1, descending=True).argsort(dim=1)  # rank of each text per image
     owned = text_image[None, :] == torch.arange(len(image_embeddings))[:, None]
-    image_rank = text_score_rank.masked_fill(~owned, len(text_image)).min(1).values
+    best_owned = by_image.masked_fill(~owned, -torch.inf).max(1).values
+    image_rank = ((by_image >= best_owned[:, None]) & ~owned).sum(1)
     for k in RECALL_AT:
         metrics[f"text_to_image_R@{k}"] = (text_rank < k).float().mean().item()
         metrics[f"image_to_text_R@{k}"] = (image_rank < k).float().mean().item()
