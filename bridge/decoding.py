@@ -38,6 +38,29 @@ from bridge.vision import Preprocessing
 EXIF_ORIENTATION = 0x0112
 
 
+def start_fork_server(context, module: str) -> None:
+    """Start the fork server (once a process) with `module` preloaded, without the working directory on
+    its import path.
+
+    The server runs as `python -c ...`, which puts the working directory first on sys.path, and Python
+    3.11's server does not take the caller's path: a folder there named like a package (a bridge saved as
+    ./bridge, say) would shadow that package in every worker, and each would die on import.
+    PYTHONSAFEPATH (Python 3.11 and later) keeps the directory off.
+    """
+    from multiprocessing import forkserver
+
+    context.set_forkserver_preload([module])
+    saved = os.environ.get("PYTHONSAFEPATH")
+    os.environ["PYTHONSAFEPATH"] = "1"
+    try:
+        forkserver.ensure_running()
+    finally:
+        if saved is None:
+            del os.environ["PYTHONSAFEPATH"]
+        else:
+            os.environ["PYTHONSAFEPATH"] = saved
+
+
 def default_workers() -> int:
     """One decoding process per core but one, which the encoder keeps."""
     return max(1, (os.cpu_count() or 2) - 1)
@@ -68,7 +91,7 @@ def ordered_map(
     methods = multiprocessing.get_all_start_methods()  # Windows has only spawn
     context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
     if context.get_start_method() == "forkserver":
-        context.set_forkserver_preload([function.__module__])
+        start_fork_server(context, function.__module__)
     pool = ProcessPoolExecutor(workers, context, initializer=torch.set_num_threads, initargs=(1,))
     pending: deque = deque()
 

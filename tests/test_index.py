@@ -531,6 +531,22 @@ def test_cli_index_and_search_print_the_summary_scores_and_paths(
     assert records[0]["path"] == str(folder / "trips/photo000.jpg")
 
 
+def test_decode_workers_start_when_the_working_directory_holds_a_folder_named_bridge(
+    tmp_path: Path, tiny_bridge
+) -> None:
+    """A bridge saved as ./bridge, then `dinobridge index photos --model bridge`: the fork server must not
+    import that folder as the `bridge` package (every worker died on import)."""
+    make_photos(tmp_path / "photos", 3)
+    tiny_bridge.save_pretrained(tmp_path / "bridge")
+    script = Path(sys.executable).with_name("dinobridge")  # the installed command, as a user runs it
+    if not script.is_file():
+        pytest.skip("dinobridge is not installed in this environment (pip install -e .)")
+    command = [str(script), "index", "photos", "--model", "bridge", "--out", "index", "--workers", "1"]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("indexed 3, unchanged 0, removed 0, failed 0 in ")
+
+
 def test_cli_search_says_when_the_index_is_empty_or_does_not_record_its_model(
     tmp_path: Path, tiny_bridge, capsys: pytest.CaptureFixture
 ) -> None:
