@@ -156,8 +156,11 @@ def run_settings(config, data: str, image_root: str | None = None, base: str | P
     def absolute(path):
         return str(Path(path).resolve()) if path is not None and Path(path).exists() else path
 
-    return {"run": to_dict(config), "data": absolute(data), "image_root": absolute(image_root)} | {
-        "base": absolute(base)
+    return {
+        "run": to_dict(config),
+        "data": absolute(data),
+        "image_root": absolute(image_root),
+        "base": absolute(base),
     }
 
 

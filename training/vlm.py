@@ -187,9 +187,9 @@ def fit_vlm(
         )
         return backward_batch(model, data, indices, lengths, config.sub_batches, accelerator)
 
-    # The forward pass runs through the VisionLLM, not through `trainable`, so the parts are not wrapped
-    # for data parallelism: under `accelerate launch` each process trains the same copy and the main one
-    # alone writes the files.
+    # The forward pass runs through the VisionLLM, not through the module the loop wraps for data
+    # parallelism, so no gradient is averaged across processes: under `accelerate launch` each process
+    # trains the same copy on the same batches, and the main one alone writes the files.
     model.to(processes().device).train()
     losses = run_loop(
         TrainableParts(model), micro_step, config, out_dir, resume, progress, f"stage {config.stage}"
