@@ -40,11 +40,18 @@ def build_projector(config: ProjectorConfig, in_dim: int, out_dim: int) -> nn.Mo
         raise ConfigError(f"unknown projector '{config.kind}'; registered: {', '.join(sorted(PROJECTORS))}")
     check_widths(config, in_dim, out_dim)
     cls = PROJECTORS[config.kind]
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "in_dim", "out_dim"}
-    for key in config.options:
+    parameters = inspect.signature(cls.__init__).parameters
+    accepted = set(parameters) - {"self", "in_dim", "out_dim"}
+    for key, value in config.options.items():
         if key not in accepted:
+            takes = f"it accepts: {', '.join(sorted(accepted))}" if accepted else "it takes no options"
+            raise ConfigError(f"unknown option '{key}' for projector '{config.kind}'; {takes}")
+        # Sizes and counts (options annotated int) must be positive whole numbers: anything else would
+        # fail later inside torch, or build a projector of zero width.
+        sizes = "int" in str(parameters[key].annotation).split(" | ")
+        if sizes and value is not None and (type(value) is not int or value < 1):
             raise ConfigError(
-                f"unknown option '{key}' for projector '{config.kind}'; it accepts: {', '.join(sorted(accepted))}"
+                f"projector '{config.kind}' option {key}={value!r} must be a whole number of at least 1"
             )
     return cls(in_dim, out_dim, **config.options)
 
@@ -157,7 +164,10 @@ class AttentionPoolProjector(nn.Module):
     ):
         super().__init__()
         if width % num_heads:
-            raise ConfigError(f"attention projector width {width} is not divisible by num_heads {num_heads}")
+            raise ConfigError(
+                f"attention projector width {width} is not divisible by num_heads {num_heads}; "
+                "choose a num_heads that divides the width"
+            )
         self.num_heads = num_heads
         self.token_in = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, width))
         # Shape and size span several patches, so each patch first sees its 3x3 neighbourhood on the

@@ -93,8 +93,30 @@ def test_an_unknown_option_names_it_the_kind_and_the_options_the_kind_accepts(ki
 
 def test_attention_heads_must_divide_the_width():
     config = ProjectorConfig(kind="attention", options={"width": 30, "num_heads": 4})
-    with pytest.raises(ConfigError, match="^attention projector width 30 is not divisible by num_heads 4$"):
+    with pytest.raises(
+        ConfigError,
+        match="^attention projector width 30 is not divisible by num_heads 4; choose a num_heads that divides",
+    ):
         build_projector(config, in_dim=32, out_dim=48)
+
+
+@pytest.mark.parametrize(
+    "kind, option, value",
+    [("attention", "num_heads", 0), ("attention", "width", "wide"), ("attention", "depth", -1)]
+    + [("patch-merge", "merge", 0), ("mlp", "hidden_dim", 2.5), ("attention", "width", True)],
+)
+def test_a_size_option_that_is_not_a_positive_whole_number_is_refused_by_name(kind, option, value):
+    config = ProjectorConfig(kind=kind, options={option: value})
+    expected = f"^projector '{kind}' option {option}={value!r} must be a whole number of at least 1$"
+    with pytest.raises(ConfigError, match=expected.replace("(", r"\(").replace(".", r"\.")):
+        build_projector(config, in_dim=32, out_dim=48)
+
+
+def test_an_option_for_a_projector_without_options_says_it_takes_none():
+    with pytest.raises(
+        ConfigError, match="^unknown option 'width' for projector 'linear'; it takes no options$"
+    ):
+        build_projector(ProjectorConfig(kind="linear", options={"width": 8}), in_dim=32, out_dim=48)
 
 
 def test_a_patch_merge_over_a_grid_it_does_not_divide_names_the_grid_and_the_fix():
