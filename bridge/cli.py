@@ -257,7 +257,7 @@ def _index(args) -> int:
 def _search(args) -> int:
     from bridge.index import ImageIndex
     from bridge.index_files import read_manifest
-    from bridge.model import TextBridge
+    from bridge.numpy_text import TextQueryEncoder
 
     if not (args.texts or args.image):
         raise ValueError("give a text query, an --image, or both")
@@ -266,7 +266,14 @@ def _search(args) -> int:
         raise ValueError(
             f"index '{args.index}' does not record its model; pass the bridge directory (--model)"
         )
-    index = ImageIndex.load(args.index, TextBridge.from_pretrained(model_dir))
+    # A text-only query needs the bridge's text tower alone; run in NumPy when it can be, the search
+    # never imports torch, which is most of a one-shot search's time (numpy_text.py).
+    bridge = TextQueryEncoder.from_pretrained(model_dir) if not args.image else None
+    if bridge is None:
+        from bridge.model import TextBridge
+
+        bridge = TextBridge.from_pretrained(model_dir)
+    index = ImageIndex.load(args.index, bridge)
     results = index.search(text=args.texts, image=args.image, minus=args.minus, k=args.k)
     if args.json:
         print(json.dumps([{"path": path, "score": round(score, 6)} for path, score in results], indent=1))

@@ -18,8 +18,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from bridge.images import load_image
@@ -27,7 +25,10 @@ from bridge.index_files import MANIFEST, IndexStore
 from bridge.search import BACKENDS, CacheFiles, SearchBackend, choose_backend
 
 if TYPE_CHECKING:
+    import torch
+
     from bridge.model import TextBridge
+    from bridge.numpy_text import TextQueryEncoder
 
 Query = str | os.PathLike | Image.Image
 
@@ -63,7 +64,7 @@ class ImageIndex:
     """Embeddings of the images under one folder, made by one bridge. Make one with `ImageIndex.build`,
     open one with `ImageIndex.load`; `search` returns [(absolute path, score)], best first."""
 
-    def __init__(self, store: IndexStore, bridge: TextBridge | None):
+    def __init__(self, store: IndexStore, bridge: TextBridge | TextQueryEncoder | None):
         self.store = store  # the directory's files and what they commit
         self.directory, self.root = store.directory, store.root
         self.fingerprint: str = store.manifest["fingerprint"]
@@ -156,9 +157,12 @@ class ImageIndex:
         self.store.save(Path(directory))
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, bridge: TextBridge | None = None) -> ImageIndex:
+    def load(
+        cls, directory: str | os.PathLike, bridge: TextBridge | TextQueryEncoder | None = None
+    ) -> ImageIndex:
         """Open a saved index; with `bridge`, check that it is the one that built the index. Embeddings are
-        memory-mapped until the first search."""
+        memory-mapped until the first search. A `TextQueryEncoder` (numpy_text.py) in place of the bridge
+        searches by text without loading torch."""
         return cls(IndexStore.open(Path(directory)), bridge)
 
     # --- searching ------------------------------------------------------------------------------------
@@ -195,18 +199,20 @@ class ImageIndex:
         texts, images, minus = _as_list(text), _as_list(image), _as_list(minus)
         if not texts and not images:
             raise ValueError("search needs text=... or image=...; minus=... alone says what to avoid")
+        if images and not hasattr(bridge, "encoder"):
+            raise ValueError(
+                "an image query needs the whole bridge, with its image encoder: load the index with "
+                "TextBridge.from_pretrained(...), not a TextQueryEncoder"
+            )
         if images:  # each image gives its bridge embedding and its DINOv2 CLS token, both normalised
             pixels = bridge.encoder.preprocessing([load_image(i) for i in images]).to(bridge.encoder.device)
-            bridged, cls = (
-                torch.from_numpy(v.astype(np.float32)).sum(0) for v in embed_images(bridge, pixels)
-            )
+            bridged, cls = (v.astype(np.float32).sum(0) for v in embed_images(bridge, pixels))
         if not texts and not minus:
-            return self._nearest("image", F.normalize(cls, dim=0).numpy(), k, backend)
-        with torch.no_grad():
-            parts = [bridge.encode_text(texts).sum(0).cpu()] if texts else []
-            parts += [bridged] if images else []
-            parts += [-bridge.encode_text(minus).sum(0).cpu()] if minus else []
-        return self._nearest("text", F.normalize(torch.stack(parts).sum(0), dim=0).numpy(), k, backend)
+            return self._nearest("image", _normalize(cls), k, backend)
+        parts = [bridge.encode_texts(texts).sum(0)] if texts else []
+        parts += [bridged] if images else []
+        parts += [-bridge.encode_texts(minus).sum(0)] if minus else []
+        return self._nearest("text", _normalize(np.sum(parts, axis=0)), k, backend)
 
     def _nearest(self, space: str, query: np.ndarray, k: int, backend: str) -> list[tuple[str, float]]:
         backend = choose_backend(backend, len(self))
@@ -225,7 +231,7 @@ class ImageIndex:
             self._backends[name, space] = BACKENDS[name].build(self.store.view(space), cache)
         return self._backends[name, space]
 
-    def _use_bridge(self, bridge: TextBridge | None) -> TextBridge:
+    def _use_bridge(self, bridge: TextBridge | TextQueryEncoder | None) -> TextBridge | TextQueryEncoder:
         if bridge is not None and bridge is not self._bridge:
             if bridge.fingerprint() != self.fingerprint:
                 made_by = f" (saved at '{self.model_dir}')" if self.model_dir else ""
@@ -245,14 +251,20 @@ class ImageIndex:
         return self._bridge
 
 
-@torch.no_grad()
 def embed_images(bridge: TextBridge, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """Preprocessed images (B, 3, S, S) on the encoder's device -> (text-space, DINOv2 CLS) embeddings,
     normalised float16, from one encoder pass: what an index stores and what an image query is."""
-    features = bridge.encoder(pixels)
-    text = bridge.encode_image(features)
-    image = F.normalize(features.cls.float(), dim=-1)
+    import torch  # here, not at the top: opening an index and searching it by text never need torch
+
+    with torch.no_grad():
+        features = bridge.encoder(pixels)
+        text = bridge.encode_image(features)
+        image = torch.nn.functional.normalize(features.cls.float(), dim=-1)
     return text.cpu().numpy().astype(np.float16), image.cpu().numpy().astype(np.float16)
+
+
+def _normalize(vector: np.ndarray) -> np.ndarray:
+    return (vector / max(float(np.linalg.norm(vector)), 1e-12)).astype(np.float32)
 
 
 def _as_list(value) -> list:

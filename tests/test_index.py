@@ -566,3 +566,24 @@ def test_cli_search_says_when_the_index_is_empty_or_does_not_record_its_model(
     assert len(build(folder, tiny_bridge, tmp_path / "index")) == 0
     assert dinobridge(["search", str(tmp_path / "index"), "a red square"]) == 0
     assert capsys.readouterr().out == f"index '{tmp_path / 'index'}' is empty\n"
+
+
+def test_exact_search_and_rescore_agree_with_and_without_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A one-shot text search runs these in NumPy (torch is never imported); a loaded process in torch.
+    from bridge import search
+
+    vectors = np.random.default_rng(0).standard_normal((40_000, 32)).astype(np.float32)
+    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float16)
+    queries = np.random.default_rng(1).standard_normal((3, 32)).astype(np.float32)
+    candidates = np.array([[5, -1, 7, 9], [0, 1, 2, -1], [3, 3, 8, 4]])
+    with_torch = exact_search(vectors, queries, 10), rescore(vectors, queries, candidates, 3)
+    monkeypatch.setattr(search, "_torch_if_loaded", lambda: None)
+    without = exact_search(vectors, queries, 10), rescore(vectors, queries, candidates, 3)
+    for (scores, rows), (numpy_scores, numpy_rows) in zip(with_torch, without, strict=True):
+        np.testing.assert_array_equal(numpy_rows, rows)
+        np.testing.assert_allclose(numpy_scores, scores, rtol=1e-5)
+    assert (np.diff(without[0][0], axis=1) <= 0).all()  # best first, across CHUNK_ROWS boundaries
+    scores, rows = rescore(
+        np.eye(4, dtype=np.float16), np.eye(4, dtype=np.float32)[[1]], np.array([[-1, 0, 1]]), 3
+    )
+    assert rows.tolist() == [[1, 0, -1]] and scores[0, 2] == -np.inf  # a missing candidate comes last

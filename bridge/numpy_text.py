@@ -1,0 +1,253 @@
+"""Text queries without torch: the frozen text tower of a saved bridge, run in NumPy.
+
+A one-shot `dinobridge search INDEX "a red truck"` spends ~3.5 s importing torch and ~7 s importing
+transformers' model code to build the tower, then a few milliseconds running it. A text query never
+passes through the projector (it maps images into the tower's space), so a text search needs the tower
+alone; this module runs it in NumPy, from the same files transformers reads (config.json,
+tokenizer.json through the `tokenizers` library, model.safetensors), and `dinobridge search` answers in
+well under a second.
+
+Two architectures have a NumPy twin, the ones the project's recipes and the offline default use:
+BERT-family `hf-encoder` towers (all-MiniLM-L6-v2 and most sentence-transformers models: post-norm
+layers, mean pooling over the tokens) and `hf-clip` towers (CLIPTextModelWithProjection: pre-norm causal
+layers, the end-of-text token through the projection). Each computes in float32 what the torch tower
+computes, within float rounding; tests/test_numpy_text.py holds each against transformers. For anything
+else (other kinds or architectures, weights in another format or dtype, no tokenizer.json),
+`numpy_tower` returns None and the caller builds the torch tower: the twin is an optimisation, never a
+second opinion.
+
+Not here: the torch towers (text.py), what a search does with the query (index.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from bridge.config import BridgeConfig, TextConfig, from_dict, resolve_model_name
+
+CONFIG_FILE = "config.json"  # a saved bridge's settings and fingerprint, as model.py writes them
+
+log = logging.getLogger(__name__)
+
+
+class NumpyTower:
+    """A tokenizer and a forward pass in NumPy; `encode(texts) -> (T, E)` float32, as TextTower.encode."""
+
+    def __init__(self, tokenizer, forward: Callable[[np.ndarray], np.ndarray], embed_dim: int):
+        self.tokenizer, self.forward, self.embed_dim = tokenizer, forward, embed_dim
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        # One text at a time: a query is a handful of texts, and unpadded inputs need no attention mask.
+        embeddings = np.empty((len(texts), self.embed_dim), np.float32)
+        for row, text in enumerate(texts):
+            embeddings[row] = self.forward(np.asarray(self.tokenizer.encode(text).ids, np.int64))
+        return embeddings
+
+
+class TextQueryEncoder:
+    """The text side of a saved bridge, for searching an index by text: `fingerprint()` and
+    `encode_texts`, as a TextBridge has them, with neither torch nor the image encoder loaded.
+
+    The fingerprint is the one saved with the bridge (TextBridge.from_pretrained trusts it too once the
+    projector's weights match; those weights decide image embeddings only, so a text query's embedding is
+    the same whatever they hold).
+    """
+
+    def __init__(self, tower: NumpyTower, fingerprint: str):
+        self.tower, self._fingerprint = tower, fingerprint
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> TextQueryEncoder | None:
+        """The saved bridge's text side, or None when its tower has no NumPy twin or the bridge predates
+        saved fingerprints: use TextBridge.from_pretrained then."""
+        config_file = Path(directory) / CONFIG_FILE
+        if not config_file.is_file():
+            return None  # TextBridge.from_pretrained explains what is missing
+        try:
+            saved = json.loads(config_file.read_text())
+        except (ValueError, OSError):
+            return None  # TextBridge.from_pretrained names the damage
+        if not isinstance(saved, dict) or not saved.get("fingerprint") or "bridge" not in saved:
+            return None
+        tower = numpy_tower(from_dict(BridgeConfig, saved["bridge"], str(config_file)).text)
+        return None if tower is None else cls(tower, saved["fingerprint"])
+
+    def fingerprint(self) -> str:
+        return self._fingerprint
+
+    def encode_texts(self, texts: Sequence[str] | str, normalize: bool = True) -> np.ndarray:
+        """Texts -> (T, E) float32 embeddings, normalised unless told otherwise."""
+        embeddings = self.tower.encode([texts] if isinstance(texts, str) else list(texts))
+        if normalize:
+            embeddings /= np.maximum(np.linalg.norm(embeddings, axis=-1, keepdims=True), 1e-12)
+        return embeddings
+
+
+def numpy_tower(config: TextConfig) -> NumpyTower | None:
+    """The NumPy twin of the tower `config` builds, or None when it has none (the reason is logged)."""
+    if config.kind not in ("hf-encoder", "hf-clip"):
+        return _unsupported(config, f"kind '{config.kind}'")
+    folder = Path(resolve_model_name(config.name))
+    files = {name: folder / name for name in ("config.json", "tokenizer.json", "model.safetensors")}
+    missing = [name for name, path in files.items() if not path.is_file()]
+    if missing:
+        return _unsupported(config, f"no {', '.join(missing)} in '{folder}'")
+    model_config = json.loads(files["config.json"].read_text())
+    try:
+        weights = _read_float_weights(files["model.safetensors"])
+    except (TypeError, ValueError) as error:  # bfloat16 and the like: NumPy has no such dtype
+        return _unsupported(config, f"weights NumPy cannot read ({error})")
+    build = _bert if config.kind == "hf-encoder" else _clip
+    built = build(model_config, weights)
+    if isinstance(built, str):
+        return _unsupported(config, built)
+    forward, embed_dim, positions = built
+    return NumpyTower(_tokenizer(folder, model_config, config, positions), forward, embed_dim)
+
+
+def _unsupported(config: TextConfig, reason: str) -> None:
+    log.info("text tower '%s' runs in torch: %s", config.name, reason)
+    return None
+
+
+def _read_float_weights(path: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return {name: array.astype(np.float32) for name, array in load_file(path).items()}
+
+
+def _tokenizer(folder: Path, model_config: dict, config: TextConfig, positions: int):
+    """tokenizer.json, truncating as the torch tower does: to the smallest of the config's max_length,
+    the tokenizer's model_max_length and the model's positions; never padding."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    settings = folder / "tokenizer_config.json"
+    model_max = json.loads(settings.read_text()).get("model_max_length") if settings.is_file() else None
+    limits = [n for n in (model_max, positions) if isinstance(n, int) and n < 100_000]
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(min([config.max_length or 10**9, *limits]))
+    return tokenizer
+
+
+# --- the two architectures ------------------------------------------------------------------------------
+
+
+def _bert(model_config: dict, weights: dict[str, np.ndarray]):
+    """A BERT encoder, mean pooled: (forward, width, positions), or the reason it is not supported."""
+    if model_config.get("model_type") != "bert":
+        return f"model_type '{model_config.get('model_type')}' (the NumPy twin knows 'bert')"
+    if model_config.get("position_embedding_type", "absolute") != "absolute":
+        return "relative position embeddings"
+    act = _ACTIVATIONS.get(model_config.get("hidden_act", "gelu"))
+    if act is None:
+        return f"activation '{model_config.get('hidden_act')}'"
+    # sentence-transformers saves BertModel's weights bare; a BertForX checkpoint prefixes them "bert.".
+    w = {name.removeprefix("bert."): array for name, array in weights.items()}
+    heads, eps = model_config["num_attention_heads"], model_config.get("layer_norm_eps", 1e-12)
+    layers = [f"encoder.layer.{i}." for i in range(model_config["num_hidden_layers"])]
+
+    def forward(ids: np.ndarray) -> np.ndarray:
+        x = (
+            w["embeddings.word_embeddings.weight"][ids]
+            + w["embeddings.position_embeddings.weight"][: len(ids)]
+            + w["embeddings.token_type_embeddings.weight"][0]
+        )
+        x = _layer_norm(x, w, "embeddings.LayerNorm", eps)
+        for p in layers:  # post-norm: attention, add, norm; feed-forward, add, norm
+            q, k, v = (_linear(x, w, f"{p}attention.self.{n}") for n in ("query", "key", "value"))
+            attended = _linear(_attention(q, k, v, heads), w, f"{p}attention.output.dense")
+            x = _layer_norm(x + attended, w, f"{p}attention.output.LayerNorm", eps)
+            hidden = act(_linear(x, w, f"{p}intermediate.dense"))
+            x = _layer_norm(x + _linear(hidden, w, f"{p}output.dense"), w, f"{p}output.LayerNorm", eps)
+        return x.mean(0)
+
+    return forward, w["embeddings.word_embeddings.weight"].shape[1], model_config["max_position_embeddings"]
+
+
+def _clip(model_config: dict, weights: dict[str, np.ndarray]):
+    """CLIP's text transformer and projection: (forward, width, positions), or why not supported."""
+    # A whole CLIP checkpoint nests the text settings; a saved text model has them at the top. Defaults
+    # are transformers' CLIPTextConfig defaults, which a config that omits a key gets there too.
+    text = (
+        model_config.get("text_config", model_config)
+        if model_config.get("model_type") == "clip"
+        else model_config
+    )
+    if text.get("model_type", "clip_text_model") != "clip_text_model":
+        return f"model_type '{model_config.get('model_type')}' (the NumPy twin knows CLIP's text model)"
+    act = _ACTIVATIONS.get(text.get("hidden_act", "quick_gelu"))
+    if act is None:
+        return f"activation '{text.get('hidden_act')}'"
+    if "text_projection.weight" not in weights:
+        return "no text_projection in the weights"
+    w = {name.removeprefix("text_model."): array for name, array in weights.items()}
+    heads, eps = text.get("num_attention_heads", 8), text.get("layer_norm_eps", 1e-5)
+    eos = text.get("eos_token_id", 49407)
+    layers = [f"encoder.layers.{i}." for i in range(text.get("num_hidden_layers", 12))]
+    positions = w["embeddings.position_embedding.weight"].shape[0]
+
+    def forward(ids: np.ndarray) -> np.ndarray:
+        x = (
+            w["embeddings.token_embedding.weight"][ids]
+            + w["embeddings.position_embedding.weight"][: len(ids)]
+        )
+        for p in layers:  # pre-norm: norm, causal attention, add; norm, feed-forward, add
+            h = _layer_norm(x, w, f"{p}layer_norm1", eps)
+            q, k, v = (_linear(h, w, f"{p}self_attn.{n}_proj") for n in ("q", "k", "v"))
+            x = x + _linear(_attention(q, k, v, heads, causal=True), w, f"{p}self_attn.out_proj")
+            h = _layer_norm(x, w, f"{p}layer_norm2", eps)
+            x = x + _linear(act(_linear(h, w, f"{p}mlp.fc1")), w, f"{p}mlp.fc2")
+        x = _layer_norm(x, w, "final_layer_norm", eps)
+        # Checkpoints from before transformers fixed CLIP's eos_token_id say 2: there the end-of-text
+        # token is found as the largest id, as transformers still does for them.
+        end = int(ids.argmax()) if eos == 2 else int((ids == eos).argmax())
+        return x[end] @ w["text_projection.weight"].T
+
+    return forward, w["text_projection.weight"].shape[0], positions
+
+
+# --- the pieces both are made of ------------------------------------------------------------------------
+
+
+def _linear(x: np.ndarray, w: dict[str, np.ndarray], name: str) -> np.ndarray:
+    out = x @ w[f"{name}.weight"].T
+    return out + w[f"{name}.bias"] if f"{name}.bias" in w else out
+
+
+def _layer_norm(x: np.ndarray, w: dict[str, np.ndarray], name: str, eps: float) -> np.ndarray:
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + eps) * w[f"{name}.weight"] + w[f"{name}.bias"]
+
+
+def _attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, heads: int, causal: bool = False) -> np.ndarray:
+    """Scaled dot-product attention of (L, D) queries, keys and values split into `heads` heads."""
+    length, width = q.shape
+    q, k, v = (t.reshape(length, heads, width // heads).transpose(1, 0, 2) for t in (q, k, v))
+    scores = q @ k.transpose(0, 2, 1) / math.sqrt(width // heads)
+    if causal:
+        scores = scores + np.triu(np.full((length, length), -np.inf, np.float32), 1)
+    scores = np.exp(scores - scores.max(-1, keepdims=True))
+    return ((scores / scores.sum(-1, keepdims=True)) @ v).transpose(1, 0, 2).reshape(length, width)
+
+
+def _erf(x: np.ndarray) -> np.ndarray:
+    """erf to within 1.5e-7 (Abramowitz and Stegun 7.1.26), in float64: NumPy has no erf, and the exact
+    GELU of BERT needs one; the error is below float32's rounding of the result."""
+    t = 1.0 / (1.0 + 0.3275911 * np.abs(x))
+    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+    return np.sign(x) * (1.0 - poly * np.exp(-x * x))
+
+
+_ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "gelu": lambda x: (0.5 * x * (1.0 + _erf(x.astype(np.float64) / math.sqrt(2.0)))).astype(np.float32),
+    "gelu_new": lambda x: 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3))),
+    "quick_gelu": lambda x: x / (1.0 + np.exp(-1.702 * x)),
+}
