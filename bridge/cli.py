@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 from bridge import __version__
@@ -27,9 +28,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.handler(args) or 0
-    except (ConfigError, ValueError, FileNotFoundError) as error:
+    except (ConfigError, ValueError, OSError) as error:
+        # A user's mistake or the machine's state (a bad file, a full disk, no permission): one line that
+        # names it. The traceback only with -v; anything else is a bug and keeps its traceback.
+        if args.verbose:
+            traceback.print_exc()
         print(f"dinobridge {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"dinobridge {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 def build_parser() -> argparse.ArgumentParser:
