@@ -2,8 +2,10 @@
 LLM route, conversations in LLaVA's JSON format (and synthetic question-answer conversations).
 
 Everything becomes a list of `Pair`s (an image and its captions) read up front, so a missing image or a
-malformed line fails before any work, with the file and line named. Images are decoded later, once, by
-the feature cache; a corrupt image is skipped and counted there, never a crash.
+malformed line fails before any work, with the file and line named: every record's fields and their
+types are checked, and a file is read as UTF-8 (with or without a byte-order mark) or refused by name.
+Images are decoded later, once, by the feature cache; a corrupt image is skipped and counted there,
+never a crash.
 
 Not here: decoding pixels (bridge/images.py) or features (training/cache.py).
 """
@@ -11,6 +13,7 @@ Not here: decoding pixels (bridge/images.py) or features (training/cache.py).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import random
@@ -63,7 +66,7 @@ def load_pairs(spec: str, image_root: str | None = None) -> list[Pair]:
     readers = {".jsonl": _read_jsonl, ".csv": _read_csv, ".json": _read_coco}
     if path.suffix not in readers:
         raise DataError(f"data file '{spec}' is not .jsonl, .csv or COCO .json, nor synthetic:N")
-    pairs = readers[path.suffix](path, Path(image_root) if image_root else None)
+    pairs = readers[path.suffix](path, _image_root(image_root))
     if not pairs:
         raise DataError(f"data file '{spec}' holds no image-caption pairs")
     return pairs
@@ -141,9 +144,7 @@ def load_segmentation_folder(root: str | Path) -> tuple[list[tuple[str, str]], l
                 f"'{root}' is not a segmentation folder: '{path.name}' is missing "
                 f"(expected {SEGMENTATION_IMAGES}/, {SEGMENTATION_MASKS}/ and {SEGMENTATION_CLASSES})"
             )
-    class_names = [
-        line.strip() for line in names_file.read_text(encoding="utf-8").splitlines() if line.strip()
-    ]
+    class_names = [line.strip() for line in read_text(names_file).splitlines() if line.strip()]
     if len(class_names) < 2:
         raise DataError(
             f"'{names_file}' names {len(class_names)} class(es); it needs the background on line 1 "
@@ -184,82 +185,170 @@ def parse_synthetic_spec(spec: str) -> tuple[int, int]:
     return count, seed
 
 
-def _image_path(base: Path, name: str, origin: str) -> str:
+def read_text(path: Path) -> str:
+    """A data file's text: UTF-8, with or without the byte-order mark Excel and Notepad write. Any other
+    encoding is refused with the file, line and byte named, never decoded as something it is not."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise DataError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{data[error.start]:02x} at offset {error.start:,}); "
+            "re-save the file as UTF-8 (Excel: 'CSV UTF-8'; or iconv -f latin1 -t utf-8)"
+        ) from None
+    if not text.strip():
+        raise DataError(f"data file '{path}' is empty")
+    return text
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(read_text(path))
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
+
+
+def _shown(value, limit: int = 60) -> str:
+    """A JSON value as the user wrote it, cut short, for messages."""
+    text = json.dumps(value, default=str)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _image_root(image_root: str | None) -> Path | None:
+    if image_root is None:
+        return None
+    if not Path(image_root).is_dir():
+        raise DataError(
+            f"image root '{image_root}' is not a folder; give the folder the image paths are relative to"
+        )
+    return Path(image_root)
+
+
+def _image_path(base: Path, name, origin: str, key: str = "image") -> str:
+    if not isinstance(name, str) or not name.strip():
+        raise DataError(f'{origin}: "{key}" must be an image path (a non-empty string), got {_shown(name)}')
     path = Path(name) if Path(name).is_absolute() else base / name
     if not path.exists():
         raise DataError(f"{origin}: image '{name}' not found (looked for '{path}')")
+    if path.is_dir():
+        raise DataError(f"{origin}: image '{name}' is a folder ('{path}'); name an image file")
     return str(path.resolve())
 
 
 def _captions(record: dict, origin: str) -> list[str]:
-    captions = record.get("captions", [record["caption"]] if "caption" in record else None)
+    if "captions" in record:
+        captions = record["captions"]
+    elif "caption" in record:
+        captions = record["caption"]
+    else:
+        raise DataError(f'{origin}: needs a non-empty "caption" string or "captions" list; it has neither')
     if isinstance(captions, str):
         captions = [captions]
-    if not captions or not all(isinstance(c, str) and c.strip() for c in captions):
-        raise DataError(f'{origin}: needs a non-empty "caption" string or "captions" list')
+    if (
+        not isinstance(captions, list)
+        or not captions
+        or not all(isinstance(c, str) and c.strip() for c in captions)
+    ):
+        raise DataError(
+            f'{origin}: needs a non-empty "caption" string or "captions" list of non-empty strings, '
+            f"got {_shown(captions)}"
+        )
     return [c.strip() for c in captions]
 
 
 def _read_jsonl(path: Path, image_root: Path | None) -> list[Pair]:
     base = image_root or path.parent
     pairs = []
-    with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            origin = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{origin}: not valid JSON ({error.msg})") from None
-            if not isinstance(record, dict) or "image" not in record:
-                raise DataError(f'{origin}: expected {{"image": "path", "caption": "..."}}')
-            pairs.append(Pair(_image_path(base, record["image"], origin), _captions(record, origin), origin))
+    # split("\n"), not splitlines(): a caption may hold U+2028 and other breaks that JSON leaves raw
+    for number, line in enumerate(read_text(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        origin = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{origin}: not valid JSON ({error.msg})") from None
+        if not isinstance(record, dict):
+            raise DataError(
+                f'{origin}: expected an object {{"image": "path", "caption": "..."}}, got {_shown(record)}'
+            )
+        if "image" not in record:
+            raise DataError(f'{origin}: has no "image" key; expected {{"image": "path", "caption": "..."}}')
+        pairs.append(Pair(_image_path(base, record["image"], origin), _captions(record, origin), origin))
     return pairs
 
 
 def _read_csv(path: Path, image_root: Path | None) -> list[Pair]:
     base = image_root or path.parent
-    with path.open(encoding="utf-8", newline="") as file:
-        reader = csv.DictReader(file)
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    try:
         if not reader.fieldnames or not {"image", "caption"} <= set(reader.fieldnames):
             raise DataError(
                 f"{path}: needs a header with 'image' and 'caption' columns, got {reader.fieldnames}"
             )
         # Several rows may caption one image; they become one pair with several captions.
         by_image: dict[str, Pair] = {}
-        for number, row in enumerate(reader, start=2):
-            origin = f"{path}:{number}"
+        for row in reader:
+            origin = f"{path}:{reader.line_num}"  # a quoted caption may span lines: its last one
+            if None in row:  # DictReader's key for the cells past the header's columns
+                raise DataError(
+                    f"{origin}: has more cells than the header's {len(reader.fieldnames)} columns; put a "
+                    'caption that holds a comma in double quotes ("a dog, running")'
+                )
+            missing = [column for column in ("image", "caption") if row[column] is None]
+            if missing:
+                raise DataError(
+                    f"{origin}: has no '{missing[0]}' cell (fewer cells than the header's columns)"
+                )
             image = _image_path(base, row["image"], origin)
             captions = _captions(row, origin)
             if image in by_image:
                 by_image[image].captions.extend(captions)
             else:
                 by_image[image] = Pair(image, captions, origin)
+    except csv.Error as error:
+        raise DataError(f"{path}:{reader.line_num}: not readable as CSV ({error})") from None
     return list(by_image.values())
 
 
 def _read_coco(path: Path, image_root: Path | None) -> list[Pair]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        images = {item["id"]: item["file_name"] for item in data["images"]}
-        annotations = data["annotations"]
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
+    data = _read_json(path)
+    if not (
+        isinstance(data, dict)
+        and isinstance(data.get("images"), list)
+        and isinstance(data.get("annotations"), list)
+    ):
         raise DataError(
-            f"{path}: not a COCO captions file (needs 'images' and 'annotations'): {error}"
-        ) from None
-    base = image_root or path.parent
-    captions: dict[int, list[str]] = {}
-    for number, item in enumerate(annotations):
-        if item.get("image_id") not in images:
+            f"{path}: not a COCO captions file: needs an object with 'images' and 'annotations' lists"
+        )
+    images: dict[int | str, str] = {}
+    for number, item in enumerate(data["images"]):
+        if not isinstance(item, dict) or not _is_id(item.get("id")) or "file_name" not in item:
             raise DataError(
-                f"{path}: annotation #{number} names image_id {item.get('image_id')}, not in 'images'"
+                f'{path}: image #{number}: expected {{"id": 1, "file_name": "path"}}, got {_shown(item)}'
             )
-        captions.setdefault(item["image_id"], []).append(_captions(item, f"{path}: annotation #{number}")[0])
+        images[item["id"]] = item["file_name"]
+    captions: dict[int | str, list[str]] = {}
+    for number, item in enumerate(data["annotations"]):
+        origin = f"{path}: annotation #{number}"
+        if not isinstance(item, dict):
+            raise DataError(f'{origin}: expected {{"image_id": 1, "caption": "..."}}, got {_shown(item)}')
+        image_id = item.get("image_id")
+        if not _is_id(image_id) or image_id not in images:
+            raise DataError(f"{origin}: names image_id {_shown(image_id)}, not an id in 'images'")
+        captions.setdefault(image_id, []).extend(_captions(item, origin))
+    base = image_root or path.parent
     return [
-        Pair(_image_path(base, images[i], f"{path}: image id {i}"), caps, f"{path}: image id {i}")
+        Pair(
+            _image_path(base, images[i], f"{path}: image id {i}", "file_name"), caps, f"{path}: image id {i}"
+        )
         for i, caps in captions.items()
     ]
+
+
+def _is_id(value) -> bool:
+    return isinstance(value, int | str) and not isinstance(value, bool)
 
 
 # ---- LLM route: conversations ------------------------------------------------------------------------------
@@ -297,17 +386,14 @@ def load_conversations(spec: str, image_root: str | None = None) -> list[Convers
     path = Path(spec)
     if path.suffix != ".json" or not path.is_file():
         return caption_conversations(load_pairs(spec, image_root))
-    try:
-        entries = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise DataError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from None
+    entries = _read_json(path)
     if isinstance(entries, dict) and "annotations" in entries:
         return caption_conversations(load_pairs(spec, image_root))  # COCO captions
     if not isinstance(entries, list):
         raise DataError(
             f"{path}: LLaVA conversation data is a JSON list of entries, got {type(entries).__name__}"
         )
-    base = Path(image_root) if image_root else path.parent
+    base = _image_root(image_root) or path.parent
     conversations = [
         _llava_entry(entry, f"{path}: entry {number}", base) for number, entry in enumerate(entries)
     ]
@@ -361,17 +447,25 @@ def synthetic_conversations(
 def _llava_entry(entry, origin: str, base: Path) -> Conversation:
     if not isinstance(entry, dict) or not isinstance(entry.get("conversations"), list):
         raise DataError(
-            f'{origin}: expected {{"image": ..., "conversations": [{{"from": ..., "value": ...}}]}}'
+            f'{origin}: expected {{"image": ..., "conversations": [{{"from": ..., "value": ...}}]}}, '
+            f"got {_shown(entry)}"
         )
-    names = entry.get("image", [])
+    names = entry.get("image", [])  # no "image" key: a text-only conversation
     names = [names] if isinstance(names, str) else names
+    if not isinstance(names, list):
+        raise DataError(
+            f'{origin}: "image" must be a path or a list of paths (leave it out for a text-only '
+            f"conversation), got {_shown(names)}"
+        )
     images = [_image_path(base, name, origin) for name in names]
     turns = []
     for number, turn in enumerate(entry["conversations"]):
-        role = LLAVA_ROLES.get(turn.get("from")) if isinstance(turn, dict) else None
+        speaker = turn.get("from") if isinstance(turn, dict) else None
+        role = LLAVA_ROLES.get(speaker) if isinstance(speaker, str) else None
         if role is None or not isinstance(turn.get("value"), str):
             raise DataError(
-                f'{origin}, turn {number}: needs "from" (one of {", ".join(LLAVA_ROLES)}) and a "value" string'
+                f'{origin}, turn {number}: needs "from" (one of {", ".join(LLAVA_ROLES)}) and a "value" '
+                f"string, got {_shown(turn)}"
             )
         turns.append((role, turn["value"]))
     if not any(role == "assistant" for role, _ in turns):
