@@ -199,6 +199,9 @@ class TrainLog:
 
     def write(self, step: int, loss: float, lr: float) -> None:
         self.file.write(json.dumps({"step": step, "loss": loss, "lr": lr}) + "\n")
+        # Flushed per line: a killed run (SIGKILL, out of memory) runs no `finally`, and its log must
+        # still hold every step it ran.
+        self.file.flush()
 
     def close(self) -> None:
         self.file.close()
