@@ -26,7 +26,15 @@ from bridge.runtime import encode_settings, processes
 from training.cache import CachedFeatures, FeatureCache, TextCache
 from training.data import held_out_split, load_pairs, parse_synthetic_spec, synthetic_pairs
 from training.evaluate import retrieval_recall
-from training.loop import check_resume, epoch_order, run_loop, run_settings, write_run_config
+from training.loop import (
+    check_out_dir,
+    check_resume,
+    epoch_order,
+    run_cache_dir,
+    run_loop,
+    run_settings,
+    write_run_config,
+)
 from training.losses import LOSSES, dense_loss
 from training.negatives import hard_negatives
 
@@ -167,9 +175,7 @@ def fit(
 ) -> TrainResult:
     """Train `bridge.projector` for `config.steps` steps through the training loop (loop.py);
     checkpoints under out_dir/checkpoints/."""
-    if config.loss not in LOSSES:
-        raise ConfigError(f"unknown loss '{config.loss}'; choose one of {', '.join(LOSSES)}")
-    loss_fn = LOSSES[config.loss]
+    loss_fn = loss_function(config.loss)
 
     def micro_step(accelerator: Accelerator, head: nn.Module, batch: int) -> float:
         rank, world = accelerator.process_index, accelerator.num_processes
@@ -208,6 +214,13 @@ def fit(
     losses = run_loop(head, micro_step, config, out_dir, resume, progress, "training", after_step)
     metrics = evaluate_alignment(bridge, data.held_out)
     return TrainResult(config.steps, losses, metrics, data.skipped)
+
+
+def loss_function(name: str):
+    """The retrieval loss named by `train.loss`, or a ConfigError that lists the choices."""
+    if name not in LOSSES:
+        raise ConfigError(f"unknown loss '{name}'; choose one of {', '.join(LOSSES)}")
+    return LOSSES[name]
 
 
 def gather_with_gradient(local: torch.Tensor) -> torch.Tensor:
@@ -271,20 +284,26 @@ def train_text_bridge(
     image_root: str | None = None,
     progress: bool = True,
 ) -> tuple[TextBridge, TrainResult]:
-    """The whole `dinobridge train`: build, cache, fit, save the bridge to out_dir."""
+    """The whole `dinobridge train`: build, cache, fit, save the bridge to out_dir.
+
+    A new run (no `resume`) into an `out_dir` that holds an earlier run is refused before any work; the
+    config, the data and the image root are checked before anything is written there."""
     out_dir = Path(out_dir)
     settings = run_settings(config, data, image_root)
+    cache_dir = run_cache_dir(out_dir, config.train.cache_dir)
+    loss_function(config.train.loss)  # a config mistake fails here, not after the caches are filled
+    state = processes()
+    check_out_dir(out_dir, resume, cache_dir)
     check_resume(out_dir, settings, resume)
+    state.wait_for_everyone()  # every process has looked at out_dir before the main one writes to it
     # Under `accelerate launch`, the main process fills the caches and owns the files; the others wait,
     # then read the caches it filled.
-    state = processes()
     with state.main_process_first():
         torch.manual_seed(config.train.seed)
         bridge = TextBridge.from_config(config.bridge)
         # The cache fill runs the encoder on this process's device (a GPU when there is one), in float32
         # so that the features, and the encoder a bridge saves, stay exact.
         bridge.encoder.run_with(encode_settings(str(state.device), precision="fp32"))
-        cache_dir = config.train.cache_dir or out_dir / "cache"
         alignment = AlignmentData.prepare(
             bridge, data, config.train, cache_dir, image_root, progress and state.is_main_process
         )

@@ -10,8 +10,10 @@ A trainer hands over what it trains (a module holding exactly the trained parame
   `step * grad_accum + i`, so a checkpoint always falls between updates and `--resume` is exact whatever
   `grad_accum` is;
 - the run directory: `run_config.json` (the config, data and base of the run, checked on `--resume`),
-  `train_log.jsonl` (a line per step) and `checkpoints/step-NNNNNNN/` (the trained tensors and the
-  optimiser state in safetensors, never a pickle), all written by the main process alone.
+  `train_log.jsonl` (a line per step, flushed as it is written) and `checkpoints/step-NNNNNNN/` (the
+  trained tensors and the optimiser state in safetensors, never a pickle), all written by the main
+  process alone. A trainer checks the directory first (`check_out_dir`, `check_resume`): a new run never
+  starts over an earlier one, and a run that fails on its data leaves an earlier one as it was.
 
 Batches are a function of (seed, micro-batch number) (`epoch_order`), which is what lets a resumed run
 continue the very same loss curve.
@@ -162,6 +164,44 @@ def run_settings(config, data: str, image_root: str | None = None, base: str | P
         "image_root": absolute(image_root),
         "base": absolute(base),
     }
+
+
+def run_cache_dir(out_dir: str | Path, cache_dir: str | None) -> Path:
+    """The run's feature cache: `train.cache_dir`, a relative one taken inside the run directory (as the
+    other paths of a run are, not against whatever folder the command was started from), or
+    `out_dir/cache`."""
+    if cache_dir is None:
+        return Path(out_dir) / "cache"
+    cache = Path(cache_dir).expanduser()
+    return cache if cache.is_absolute() else Path(out_dir) / cache
+
+
+def check_out_dir(out_dir: str | Path, resume: bool, cache_dir: str | Path | None = None) -> None:
+    """Refuse to start a new run where it would replace what is there.
+
+    A fresh run (no `resume`) needs an `out_dir` that is missing, empty, or holds only its feature cache
+    (`cache_dir`, which a run that failed while filling it leaves behind and a rerun reuses). Anything else
+    (an earlier run's checkpoints and log, a saved model, someone's files) stays as it is: the run is
+    refused before any work, and the message gives the two ways on, `--resume` or another `--out`.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out '{out_dir}' is a file, not a directory; give a directory for the run")
+    if resume or not out_dir.is_dir():
+        return
+    cache = Path(cache_dir).resolve() if cache_dir is not None else None
+    held = sorted(
+        entry.name
+        for entry in out_dir.iterdir()
+        if cache is None or not (cache == entry.resolve() or entry.resolve() in cache.parents)
+    )
+    if held:
+        shown = ", ".join(held[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
+        what = "an earlier run" if RUN_CONFIG in held or CHECKPOINTS in held else "files"
+        raise ConfigError(
+            f"--out '{out_dir}' already holds {what} ({shown}), which a new run would replace; continue "
+            "that run with --resume, or train into another --out (a new or empty directory)"
+        )
 
 
 def check_resume(out_dir: str | Path, settings: dict, resume: bool) -> None:

@@ -41,7 +41,15 @@ from training.data import (
     synthetic_conversations,
 )
 from training.evaluate import answer_accuracy
-from training.loop import check_resume, epoch_order, run_loop, run_settings, write_run_config
+from training.loop import (
+    check_out_dir,
+    check_resume,
+    epoch_order,
+    run_cache_dir,
+    run_loop,
+    run_settings,
+    write_run_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -139,19 +147,30 @@ class TrainableParts(nn.Module):
         )
 
 
-def set_stage(model: VisionLLM, stage: int, freeze_projector: bool = False) -> None:
-    """Freeze and unfreeze for a stage: 0 projector + whole LLM, 1 projector, 2 projector + LoRA; with
-    `freeze_projector`, the same without the projector."""
+def check_settings(model: VisionLLM, config: VLMTrainConfig) -> None:
+    """Refuse training settings that cannot run on `model`; `train_vlm` asks before it writes anything."""
+    check_stage(model, config.stage, config.freeze_projector)
+    if config.sub_batches < 1:
+        raise ConfigError(f"train.sub_batches is {config.sub_batches}; give 1 (whole batches) or more")
+
+
+def check_stage(model: VisionLLM, stage: int, freeze_projector: bool = False) -> None:
     if stage not in (0, 1, 2):
         raise ConfigError(f"train.stage {stage} is not 0 (tiny LLM from scratch), 1 (projector) or 2 (LoRA)")
-    if stage == 2 and not isinstance(model.llm, peft.PeftModel):
-        model.add_lora(model.config.lora)
     if stage == 1 and freeze_projector:
         raise ConfigError(
             "stage 1 trains the projector alone; train.freeze_projector leaves nothing to train"
         )
     if stage == 0 and isinstance(model.llm, peft.PeftModel):
         raise ConfigError("stage 0 trains the whole LLM; start it from a model without LoRA adapters")
+
+
+def set_stage(model: VisionLLM, stage: int, freeze_projector: bool = False) -> None:
+    """Freeze and unfreeze for a stage: 0 projector + whole LLM, 1 projector, 2 projector + LoRA; with
+    `freeze_projector`, the same without the projector."""
+    check_stage(model, stage, freeze_projector)
+    if stage == 2 and not isinstance(model.llm, peft.PeftModel):
+        model.add_lora(model.config.lora)
     for name, parameter in model.llm.named_parameters():
         parameter.requires_grad_(stage == 0 or (stage == 2 and "lora_" in name))
     model.projector.requires_grad_(not freeze_projector)
@@ -176,9 +195,8 @@ def fit_vlm(
 ) -> VLMTrainResult:
     """Train for `config.steps` steps at `config.stage` through the training loop (loop.py); checkpoints
     under out_dir/checkpoints/."""
+    check_settings(model, config)
     set_stage(model, config.stage, config.freeze_projector)
-    if config.sub_batches < 1:
-        raise ConfigError(f"train.sub_batches is {config.sub_batches}; give 1 (whole batches) or more")
     lengths = data.lengths(model.tokens_per_image())
 
     def micro_step(accelerator: Accelerator, trainable: nn.Module, batch: int) -> float:
@@ -373,17 +391,24 @@ def train_vlm(
     progress: bool = True,
 ) -> tuple[VisionLLM, VLMTrainResult]:
     """The whole `dinobridge train-vlm`: build (or load `base`, a saved VisionLLM from an earlier
-    stage), cache, fit, evaluate on held-out conversations, and save the VisionLLM to out_dir."""
+    stage), cache, fit, evaluate on held-out conversations, and save the VisionLLM to out_dir.
+
+    A new run (no `resume`) into an `out_dir` that holds an earlier run (or the `base` itself) is refused
+    before any work; the base, the config and the data are checked before anything is written there."""
     out_dir = Path(out_dir)
     settings = run_settings(config, data, image_root, base)
-    check_resume(out_dir, settings, resume)
+    cache_dir = run_cache_dir(out_dir, config.train.cache_dir)
     state = processes()
+    check_out_dir(out_dir, resume, cache_dir)
+    check_resume(out_dir, settings, resume)
+    state.wait_for_everyone()  # every process has looked at out_dir before the main one writes to it
     torch.manual_seed(config.train.seed)
+    # The base, the config and the data are all read before the cache is the first thing written.
     model = VisionLLM.from_pretrained(base) if base else VisionLLM.from_config(config.vlm)
     if base and config.vlm.lora is not None and model.config.lora is None:
         model.config.lora = config.vlm.lora
+    check_settings(model, config.train)
     train_set, held_out_set = split_conversations(data, config.train, image_root)
-    cache_dir = config.train.cache_dir or out_dir / "cache"
     workers = config.train.num_workers
     train_data = ConversationData.prepare(model, train_set, cache_dir, workers, progress)
     held_out = (
