@@ -355,12 +355,12 @@ def _train(args) -> int:
 def _eval_retrieval(args) -> int:
     from bridge.model import TextBridge
     from training.align import CaptionedFeatures, evaluate_alignment
-    from training.cache import FeatureCache, TextCache
+    from training.cache import FeatureCache, TextCache, user_cache_dir
     from training.data import load_pairs
 
     bridge = TextBridge.from_pretrained(args.model)
     pairs = load_pairs(args.data, args.image_root)
-    cache_dir = Path(args.model) / "cache"
+    cache_dir = user_cache_dir()  # never the model's directory: eval only reads a saved model
     features = FeatureCache(cache_dir, bridge.encoder).features(pairs)
     metrics = evaluate_alignment(
         bridge, CaptionedFeatures.build(features, TextCache(cache_dir, bridge.tower))
@@ -378,7 +378,7 @@ def _eval_retrieval(args) -> int:
 def _eval_zeroshot(args) -> int:
     from bridge.model import TextBridge
     from bridge.zeroshot import zero_shot_classify
-    from training.cache import FeatureCache
+    from training.cache import FeatureCache, user_cache_dir
     from training.data import Pair, load_image_folder
     from training.evaluate import zeroshot_accuracy
 
@@ -386,7 +386,7 @@ def _eval_zeroshot(args) -> int:
     paths, labels, class_names = load_image_folder(args.data)
     # The feature cache decodes, skips unreadable files with their reason, and encodes, as for retrieval.
     pairs = [Pair(path, [class_names[label]], path) for path, label in zip(paths, labels, strict=True)]
-    features = FeatureCache(Path(args.model) / "cache", bridge.encoder).features(pairs)
+    features = FeatureCache(user_cache_dir(), bridge.encoder).features(pairs)
     if len(features) == 0:
         raise ValueError(f"no image under '{args.data}' could be read; see the warnings above")
     label_of = dict(zip(paths, labels, strict=True))

@@ -258,7 +258,8 @@ def test_a_projector_whose_input_does_not_match_the_encoder_fails_before_any_wor
         train_text_bridge(config, "synthetic:20", tmp_path / "run", progress=False)
 
 
-def test_train_and_eval_retrieval_commands_on_a_jsonl_of_ones_own_images(photo_folder, capsys):
+def test_train_and_eval_retrieval_commands_on_a_jsonl_of_ones_own_images(photo_folder, capsys, monkeypatch):
+    monkeypatch.setenv("DINOBRIDGE_CACHE", str(photo_folder / "eval-cache"))
     config = photo_folder / "run.yaml"
     config.write_text(
         "bridge:\n  encoder:\n    architecture: {hidden_size: 32, num_hidden_layers: 2, num_attention_heads: 2,"
@@ -286,8 +287,9 @@ def test_train_and_eval_retrieval_commands_on_a_jsonl_of_ones_own_images(photo_f
 
 
 def test_eval_zeroshot_on_an_image_folder_counts_images_classes_and_skips_bad_files(
-    tmp_path, trained_bridge, capsys
+    tmp_path, trained_bridge, capsys, monkeypatch
 ):
+    monkeypatch.setenv("DINOBRIDGE_CACHE", str(tmp_path / "eval-cache"))
     world = SyntheticWorld(seed=5, max_objects=1)
     for index, scene in enumerate(world.scenes(0, 24)):
         folder = tmp_path / "classes" / scene.objects[0].colour

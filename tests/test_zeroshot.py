@@ -27,8 +27,9 @@ def colour_folder(tmp_path):
 
 
 def test_probabilities_are_a_softmax_of_scaled_cosines_and_match_the_cli(
-    tmp_path, colour_folder, tiny_bridge, capsys
+    tmp_path, colour_folder, tiny_bridge, capsys, monkeypatch
 ):
+    monkeypatch.setenv("DINOBRIDGE_CACHE", str(tmp_path / "eval-cache"))
     paths, labels, class_names = load_image_folder(colour_folder)
 
     probabilities = zero_shot_classify(tiny_bridge, paths, class_names)
@@ -46,7 +47,7 @@ def test_probabilities_are_a_softmax_of_scaled_cosines_and_match_the_cli(
     # The command classifies the features it cached (float16): from them, the same top-1.
     pairs = [Pair(path, [class_names[label]], path) for path, label in zip(paths, labels, strict=True)]
     bridge = TextBridge.from_pretrained(tmp_path / "bridge")
-    cached = FeatureCache(tmp_path / "bridge" / "cache", bridge.encoder).features(pairs, progress=False)
+    cached = FeatureCache(tmp_path / "eval-cache", bridge.encoder).features(pairs, progress=False)
     from_cache = zero_shot_classify(bridge, cached[list(range(len(cached)))], class_names)
     assert metrics["top1"] == pytest.approx(np.mean(from_cache.argmax(1) == np.asarray(labels)))
     np.testing.assert_allclose(from_cache, probabilities, atol=2e-3)  # float16 features, same answer

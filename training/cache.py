@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from bridge.config import ConfigError
 from bridge.decoding import ordered_map
 from bridge.fingerprint import fingerprint
 from bridge.images import ImageLoadError
@@ -35,6 +36,22 @@ log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 4096  # images per chunk file: what a killed run can lose at most
 
+CACHE_ENV = "DINOBRIDGE_CACHE"
+
+
+def user_cache_dir() -> Path:
+    """The cache of commands that only read a saved model (`dinobridge eval`): $DINOBRIDGE_CACHE, else
+    $XDG_CACHE_HOME/dinobridge, else ~/.cache/dinobridge.
+
+    Never the model's own directory, which may be read-only, shared or a hub snapshot, and which a user
+    copies or publishes as it is. One cache serves every model: entries are keyed by the encoder's and the
+    tower's fingerprints and by each image's path, size and mtime.
+    """
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "dinobridge"
+
 
 class _Chunks:
     """A directory of chunk-*/ folders, each with `keys.json` and one .npy per array, memory-mapped."""
@@ -42,7 +59,13 @@ class _Chunks:
     def __init__(self, directory: Path, arrays: Sequence[str]):
         self.directory = directory
         self.arrays = tuple(arrays)
-        directory.mkdir(parents=True, exist_ok=True)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ConfigError(
+                f"cannot create the feature cache '{directory}' ({error.strerror}); point the cache at a "
+                f"writable folder: train.cache_dir when training, ${CACHE_ENV} for dinobridge eval"
+            ) from None
         self.chunks: list[dict[str, np.ndarray]] = []
         self.where: dict[str, tuple[int, int]] = {}  # key -> (chunk, row)
         for chunk_dir in sorted(directory.glob("chunk-*")):
