@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from bridge.model import TextBridge
+from bridge.queries import check_texts
 from bridge.vision import Preprocessing, check_image_size
 from bridge.zeroshot import check_class_names, encode_class_names
 
@@ -90,8 +91,10 @@ def heatmaps(
     check_image_size(image, patch)
     if shifts < 1 or shifts > patch:
         raise ValueError(f"shifts={shifts} is out of range; use 1 (off) to {patch} (one pixel)")
-    text = texts if isinstance(texts, torch.Tensor) else bridge.encode_text(texts)
-    text = text.to(bridge.device)
+    if isinstance(texts, torch.Tensor):
+        text = texts.to(bridge.device)
+    else:
+        text = bridge.encode_text(check_texts([texts] if isinstance(texts, str) else texts))
     scale = scale or window
     if scale < window:
         raise ValueError(

@@ -22,6 +22,7 @@ from PIL import Image
 
 from bridge.images import load_image
 from bridge.index_files import MANIFEST, IndexStore
+from bridge.queries import check_texts
 from bridge.search import BACKENDS, CacheFiles, SearchBackend, choose_backend
 
 if TYPE_CHECKING:
@@ -199,6 +200,8 @@ class ImageIndex:
         texts, images, minus = _as_list(text), _as_list(image), _as_list(minus)
         if not texts and not images:
             raise ValueError("search needs text=... or image=...; minus=... alone says what to avoid")
+        texts = check_texts(texts) if texts else []
+        minus = check_texts(minus, "minus text", '"people"') if minus else []
         if images and not hasattr(bridge, "encoder"):
             raise ValueError(
                 "an image query needs the whole bridge, with its image encoder: load the index with "

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from bridge.model import MAX_LOGIT_SCALE, TextBridge
+from bridge.queries import check_texts
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -30,18 +31,7 @@ PROMPT_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.
 
 def check_class_names(class_names: Sequence[str]) -> list[str]:
     """The class names, stripped; an empty list or a blank name is an error that says which one."""
-    if isinstance(class_names, str):
-        raise ValueError(f"class names must be a list, not the string {class_names!r}; split it first")
-    if not class_names:
-        raise ValueError('no class names given; pass at least one, e.g. --classes "cat,dog"')
-    names = [name.strip() for name in class_names]
-    for number, name in enumerate(names, start=1):
-        if not name:
-            raise ValueError(
-                f"class name {number} of {len(names)} is empty or only whitespace "
-                f"({class_names[number - 1]!r}); remove it or name the class"
-            )
-    return names
+    return check_texts(class_names, "class name", '--classes "cat,dog"')
 
 
 def encode_class_names(

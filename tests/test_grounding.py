@@ -89,11 +89,11 @@ def test_class_names_are_averaged_over_prompt_templates(tiny_bridge):
 
 
 def test_bad_class_lists_and_tiny_images_fail_with_clear_errors(tiny_bridge):
-    with pytest.raises(ValueError, match="no class names given"):
+    with pytest.raises(ValueError, match="no class name given"):
         check_class_names([])
     with pytest.raises(ValueError, match=r"class name 2 of 3 is empty or only whitespace \('   '\)"):
         check_class_names(["cat", "   ", "dog"])
-    with pytest.raises(ValueError, match="no class names given"):
+    with pytest.raises(ValueError, match="no class name given"):
         parse_class_list("  ")
     assert parse_class_list(" cat, dog ,sofa") == ["cat", "dog", "sofa"]
     small = Image.new("RGB", (13, 40))
@@ -223,7 +223,7 @@ def test_segment_command_errors_name_the_problem(tmp_path, saved_tiny_bridge, ca
     assert main([*args, "--classes", "cat, ,dog"]) == 2
     assert "class name 2 of 3 is empty or only whitespace" in capsys.readouterr().err
     assert main([*args, "--classes", ""]) == 2
-    assert "no class names given" in capsys.readouterr().err
+    assert "no class name given" in capsys.readouterr().err
     Image.new("RGB", (10, 10)).save(image)
     assert main([*args, "--classes", "cat"]) == 2
     assert "smaller than one 14-pixel patch" in capsys.readouterr().err
