@@ -145,6 +145,24 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--model", help="bridge directory (default: the one the index was built with)")
     search.add_argument("--json", action="store_true", help="print a JSON list of {path, score}")
     search.set_defaults(handler=_search)
+
+    serve = commands.add_parser(
+        "serve", help="serve an index to a browser and a JSON API (loopback by default)"
+    )
+    serve.add_argument("index", help="an index directory made by `dinobridge index`")
+    serve.add_argument("--model", help="bridge directory (default: the one the index was built with)")
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine)"
+    )
+    serve.add_argument("--port", type=non_negative_int, default=8000, help="port (default: 8000)")
+    serve.add_argument(
+        "--token",
+        nargs="?",
+        const="",
+        help="every request must carry this token (needed beyond 127.0.0.1); without a value one is made up "
+        "and printed; better kept out of the command line in DINOBRIDGE_TOKEN",
+    )
+    serve.set_defaults(handler=_serve)
     _add_llm_route_commands(commands)
     return parser
 
@@ -289,6 +307,27 @@ def _search(args) -> int:
         print("\n".join(f"{score:.4f}  {path}" for path, score in results))
     else:
         print(f"index '{args.index}' is empty")
+    return 0
+
+
+def _serve(args) -> int:
+    import os
+    import secrets
+
+    from bridge.serve import TOKEN_ENV, check_exposure, serve
+
+    if args.port > 65535:
+        raise ValueError(f"--port {args.port} is not a port; give a number from 1 to 65535")
+    made_up = args.token == ""  # --token without a value
+    token = secrets.token_urlsafe(18) if made_up else args.token or os.environ.get(TOKEN_ENV) or None
+    check_exposure(args.host, token)  # before loading anything: a refusal should not take seconds
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(
+        f"dinobridge serve: open http://{host}:{args.port}/{f'?token={token}' if made_up else ''}", flush=True
+    )
+    if token and not made_up:
+        print("every request must carry the token: open the page once as /?token=<token>", flush=True)
+    serve(args.index, args.model, args.host, args.port, token)
     return 0
 
 

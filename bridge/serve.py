@@ -1,0 +1,531 @@
+"""`dinobridge serve`: an image index and its bridge loaded once, searched over HTTP, with a web page.
+
+`create_app` builds the FastAPI app: a JSON API (text, uploaded-image and "more like this" searches,
+thumbnails, originals, heatmaps, status; FastAPI's OpenAPI description at /openapi.json and /docs) and the
+page at `/` (bridge/static/). `serve` checks the address is safe to bind and runs the app under uvicorn.
+
+Files are addressed by an image id (a hash of the indexed path), never by a path, so no request names a
+file outside the index. The index is re-opened when `dinobridge index` commits a new generation; a query
+always runs on one whole committed generation. Bad requests get a 4xx with a JSON `detail` naming the
+problem and the fix.
+
+Not here: the index and its queries (index.py), image decoding rules (images.py), heatmaps
+(grounding.py), argument parsing and printing (cli.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import io
+import logging
+import mimetypes
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+
+from bridge.images import ImageLoadError, load_image
+from bridge.index import ImageIndex
+from bridge.index_files import MANIFEST, read_manifest
+from bridge.search import choose_backend
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from bridge.model import TextBridge
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HOST = "127.0.0.1"
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+TOKEN_ENV = "DINOBRIDGE_TOKEN"
+TOKEN_COOKIE = "dinobridge_token"
+STATIC = Path(__file__).parent / "static"
+# Torch threads per server process. Measured on a 2-core machine with another job running, 200 text
+# searches took p50 508 ms with torch's default threads and 20 ms with one: threads that contend for
+# busy cores wait on each other at every operation. Queries run one at a time (the model lock), so one
+# thread is all a query can use well while uvicorn's own thread answers the rest.
+SERVE_THREADS = 1
+PAGE = 24  # results a page unless asked: four rows of six thumbnails
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; over a limit is a 4xx naming the limit."""
+
+    upload_bytes: int = 20 * 2**20  # an uploaded query image's file size
+    upload_pixels: int = 40_000_000  # its width x height, read from the header before decoding
+    query_chars: int = 500  # one text (a query or a minus text)
+    texts: int = 16  # texts and minus texts in one query
+    k: int = 100  # results in one page
+    results: int = 1_000  # offset + k: how deep paging goes
+    thumbnail_px: int = 320  # a thumbnail's longer side
+    heatmap_px: int = 448  # the longer side of the image a heatmap is drawn on
+
+
+@dataclass
+class Snapshot:
+    """One committed generation of the index, with its image ids; a query holds one from start to end."""
+
+    index: ImageIndex
+    key: tuple[int, int, int]  # the manifest file's (inode, mtime, size) when it was opened
+    paths_by_id: dict[str, str]  # image id -> path relative to the indexed folder
+
+    @property
+    def generation(self) -> int:
+        return self.index.store.generation
+
+
+@dataclass
+class SearchQuery:
+    """A query as the API takes it; limits are checked by the app, which knows its own."""
+
+    q: list[str]  # texts, added together
+    minus: list[str]  # texts to steer away from
+    like: str | None  # the id of an indexed image: more like this
+    k: int | None  # results in this page (None: the app's default)
+    offset: int  # results skipped: where this page starts
+
+
+def search_query(
+    q: Annotated[list[str] | None, Query(description="texts, added together (repeat q=)")] = None,
+    minus: Annotated[list[str] | None, Query(description="texts to steer away from (repeatable)")] = None,
+    like: Annotated[str | None, Query(description="the id of an indexed image: more like this")] = None,
+    k: Annotated[int | None, Query(ge=1, description="results in this page (default: 24)")] = None,
+    offset: Annotated[int, Query(ge=0, description="results to skip: where this page starts")] = 0,
+) -> SearchQuery:
+    return SearchQuery(q or [], minus or [], like or None, k, offset)
+
+
+def image_id(relative_path: str) -> str:
+    """The id of an indexed file: stable while the file keeps its path, and no path in itself."""
+    return hashlib.blake2b(relative_path.encode("utf-8", "surrogateescape"), digest_size=8).hexdigest()
+
+
+class LiveIndex:
+    """The newest committed generation of an index directory, re-opened when its manifest changes.
+
+    A manifest is replaced with one rename after the shards it names are complete (index_files.py), so
+    the file's identity is a cheap test of whether anything changed. The thread that notices a change
+    opens the new generation while the others go on with the current one; a generation that fails to open
+    (a different model, a damaged shard) is logged and the server keeps the one it has.
+    """
+
+    def __init__(self, directory: Path, bridge: TextBridge):
+        self.directory, self.bridge = directory, bridge
+        self.error: str | None = None  # why the newest generation could not be opened, if it could not
+        self._opening = threading.Lock()
+        self._failed_key: tuple[int, int, int] | None = None
+        key = self._manifest_key()
+        if key is None:
+            read_manifest(directory)  # raises the error that names what is missing
+        self.current = self._open(key)
+
+    def get(self) -> Snapshot:
+        key, current = self._manifest_key(), self.current
+        if key is None or key in (current.key, self._failed_key) or not self._opening.acquire(blocking=False):
+            return current
+        try:
+            self.current, self.error = self._open(key), None
+        except (OSError, ValueError) as error:
+            self._failed_key, self.error = key, f"{type(error).__name__}: {error}"
+            log.warning("kept generation %d of index '%s': %s", current.generation, self.directory, error)
+        finally:
+            self._opening.release()
+        return self.current
+
+    def _manifest_key(self) -> tuple[int, int, int] | None:
+        try:
+            status = os.stat(self.directory / MANIFEST)
+        except OSError:
+            return None
+        return status.st_ino, status.st_mtime_ns, status.st_size
+
+    def _open(self, key: tuple[int, int, int]) -> Snapshot:
+        index = ImageIndex.load(self.directory, self.bridge)
+        for space in ("text", "image"):  # read now, not by the first query that meets this generation
+            index.store.view(space)
+        return Snapshot(index, key, {image_id(path): path for path in index.paths})
+
+
+def check_exposure(host: str, token: str | None) -> None:
+    """Refuse to bind beyond this machine without a token: anyone who reaches the port could browse."""
+    if host not in LOOPBACK_HOSTS and not token:
+        raise ValueError(
+            f"serving on {host} makes the collection reachable from other machines; give a token "
+            f"(--token, or the environment variable {TOKEN_ENV}) that every request must carry, or serve "
+            f"on {DEFAULT_HOST}"
+        )
+
+
+def create_app(
+    index_dir: str | os.PathLike,
+    model_dir: str | os.PathLike | None = None,
+    token: str | None = None,
+    *,
+    bridge: TextBridge | None = None,
+    limits: Limits | None = None,
+    thumbnail_dir: str | os.PathLike | None = None,
+) -> FastAPI:
+    """The app serving index `index_dir`, with the bridge saved at `model_dir` (default: the one the index
+    records) or an already loaded `bridge`.
+
+    token: when given, every request must carry it (an `Authorization: Bearer` header, the `token` query
+    parameter, or the cookie the page gets on its first visit with `?token=`); without one, only requests
+    addressed to a loopback name are answered, so a web page elsewhere cannot reach the server through
+    DNS rebinding. Thumbnails are cached in `thumbnail_dir` (default: `<index_dir>.thumbnails` beside the
+    index, never inside it: the index directory belongs to its writer).
+    """
+    index_dir, limits = Path(index_dir), limits or Limits()
+    if bridge is None:
+        model_dir = model_dir or read_manifest(index_dir)["model_dir"]
+        bridge = _load_bridge(index_dir, model_dir)
+    bridge.encoder  # noqa: B018 (built now, not by the first image query)
+    live = LiveIndex(index_dir, bridge)
+    thumbnails = (
+        Path(thumbnail_dir)
+        if thumbnail_dir
+        else index_dir.resolve().with_name(index_dir.name + ".thumbnails")
+    )
+    model_lock = threading.Lock()  # the tokenizer and the encoder are not safe to share between threads
+    decoding = threading.BoundedSemaphore(os.cpu_count() or 1)  # a decoded photo can take ~190 MB
+    started = time.time()
+
+    app = FastAPI(
+        title="dinobridge",
+        version=_version(),
+        description="Search an image index by text, by an example image, or both.",
+        redoc_url=None,
+    )
+
+    def refuse(status: int, detail: str) -> JSONResponse:
+        return JSONResponse({"detail": detail}, status_code=status)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        if token:
+            given = _given_token(request)
+            if given is None or not hmac.compare_digest(given.encode(), token.encode()):
+                return refuse(
+                    401,
+                    "this server needs its token: open the page once as /?token=<token>, or send the header "
+                    "'Authorization: Bearer <token>'",
+                )
+        elif request.url.hostname not in LOOPBACK_HOSTS:
+            return refuse(
+                421,
+                f"this server answers requests addressed to 127.0.0.1 or localhost only, not "
+                f"'{request.headers.get('host', '')}'; to serve other machines start it with a token",
+            )
+        if request.method == "POST":
+            length = request.headers.get("content-length")
+            if length is None:
+                return refuse(411, "send the upload with a Content-Length header (no chunked uploads)")
+            if not length.isdigit() or int(length) > limits.upload_bytes + 64 * 1024:
+                return refuse(413, _too_many_bytes(int(length) if length.isdigit() else -1, limits))
+        response = await call_next(request)
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        if token and request.query_params.get("token") == token and request.url.path == "/":
+            # The page's own requests (thumbnails are <img> tags, which send no headers) carry the cookie.
+            response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict")
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+        problems = [f"{' '.join(str(part) for part in e['loc'])}: {e['msg']}" for e in error.errors()]
+        return refuse(422, "; ".join(problems))
+
+    def snapshot_image(snapshot: Snapshot, image: str) -> tuple[str, Path]:
+        """(relative path, file) of an indexed image by id; 404 when the index does not hold it."""
+        relative = snapshot.paths_by_id.get(image)
+        if relative is None:
+            raise HTTPException(
+                404,
+                f"no image with id '{image}' in generation {snapshot.generation} of the index; ids come from "
+                "/api/search, and a file removed or renamed since is gone from the index",
+            )
+        return relative, snapshot.index.root / relative
+
+    def missing(image: str, relative: str, error: ImageLoadError | OSError) -> HTTPException:
+        reason = error.reason if isinstance(error, ImageLoadError) else (error.strerror or str(error))
+        return HTTPException(
+            404,
+            f"image '{image}' ('{relative}') is in the index but its file cannot be read: {reason}; "
+            "run dinobridge index again to bring the index in line with the folder",
+        )
+
+    def shrunk(image: str, relative: str, path: Path, longest: int) -> Image.Image:
+        """An indexed file decoded upright, its longer side at most `longest` pixels."""
+        try:
+            with decoding:
+                picture = load_image(path)
+        except ImageLoadError as error:
+            raise missing(image, relative, error) from error
+        picture.thumbnail((longest, longest))
+        return picture
+
+    def check_texts(values: list[str], name: str) -> list[str]:
+        texts = [value.strip() for value in values if value.strip()]
+        for text in texts:
+            if len(text) > limits.query_chars:
+                raise HTTPException(
+                    422, f"{name} text of {len(text)} characters is over the limit of {limits.query_chars}"
+                )
+        return texts
+
+    def run_search(query: SearchQuery, upload: Image.Image | None) -> dict:
+        texts, minus = check_texts(query.q, "q"), check_texts(query.minus, "minus")
+        like, k, offset = query.like, query.k or min(PAGE, limits.k), query.offset
+        if len(texts) + len(minus) > limits.texts:
+            raise HTTPException(422, f"{len(texts) + len(minus)} texts is over the limit of {limits.texts}")
+        if k > limits.k:
+            raise HTTPException(
+                422, f"k={k} is over the limit of {limits.k} results a page; page with offset"
+            )
+        if offset + k > limits.results:
+            raise HTTPException(
+                422, f"offset + k = {offset + k} is over the limit of {limits.results}; refine the query"
+            )
+        snapshot, relative = live.get(), None
+        images: list = []
+        if like:
+            relative, path = snapshot_image(snapshot, like)
+            images.append(path)
+        if upload is not None:
+            images.append(upload)
+        if not texts and not images:
+            raise HTTPException(
+                422,
+                "give a text (q=...), an indexed image (like=<id>) or an uploaded image; minus alone "
+                "says only what to avoid",
+            )
+        begun = time.perf_counter()
+        try:
+            with model_lock:
+                found = snapshot.index.search(text=texts, image=images, minus=minus, k=offset + k)
+        except ImageLoadError as error:  # the file of `like` went missing after it was indexed
+            raise missing(like, relative, error) from error
+        seconds = time.perf_counter() - begun
+        root, page = snapshot.index.root, found[offset : offset + k]
+        results = []
+        for path, score in page:
+            relative = Path(path).relative_to(root).as_posix()
+            results.append(_result(image_id(relative), relative, score, snapshot, texts))
+        return {
+            "results": results,
+            "offset": offset,
+            "k": k,
+            "more": len(found) == offset + k and offset + k < min(len(snapshot.index), limits.results),
+            "searched": len(snapshot.index),
+            "space": "text" if texts or minus else "image",
+            "generation": snapshot.generation,
+            "seconds": round(seconds, 6),
+        }
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", headers={"Content-Security-Policy": _PAGE_POLICY})
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/api/search", summary="Search by text and/or an indexed image")
+    def search(query: Annotated[SearchQuery, Depends(search_query)]) -> dict:
+        return run_search(query, None)
+
+    @app.post("/api/search", summary="Search by an uploaded image, with texts and an indexed image if given")
+    def search_upload(
+        image: Annotated[UploadFile, File(description="the query image")],
+        query: Annotated[SearchQuery, Depends(search_query)],
+    ) -> dict:
+        data = image.file.read(limits.upload_bytes + 1)
+        if len(data) > limits.upload_bytes:
+            raise HTTPException(413, _too_many_bytes(len(data), limits))
+        try:
+            with decoding:
+                upload = load_image(data, max_pixels=limits.upload_pixels)
+        except ImageLoadError as error:
+            status = 413 if error.reason.startswith("too large") else 422
+            name = image.filename or "the upload"
+            raise HTTPException(status, f"uploaded image '{name}': {error.reason}") from error
+        return run_search(query, upload)
+
+    @app.get("/api/status", summary="What is served: images, model, index generation, search back-end")
+    def status() -> dict:
+        snapshot = live.get()
+        return {
+            "images": len(snapshot.index),
+            "generation": snapshot.generation,
+            "backend": choose_backend("auto", len(snapshot.index)),
+            "model": str(model_dir) if model_dir else snapshot.index.model_dir,
+            "fingerprint": snapshot.index.fingerprint,
+            "index": str(index_dir),
+            "reload_error": live.error,
+            "uptime_seconds": round(time.time() - started, 1),
+            "version": _version(),
+        }
+
+    @app.get("/api/images/{image}/thumbnail", summary="A small upright JPEG of an indexed image")
+    def thumbnail(image: str) -> Response:
+        snapshot = live.get()
+        relative, path = snapshot_image(snapshot, image)
+        record = snapshot.index.store.record(relative)
+        cached = thumbnails / record.sha256[:2] / f"{record.sha256}-{limits.thumbnail_px}.jpg"
+        if not cached.is_file():
+            data = _encoded(shrunk(image, relative, path, limits.thumbnail_px), "JPEG", quality=85)
+            if not _write_cache(cached, data):
+                return Response(data, media_type="image/jpeg")
+        # The URL carries the content's hash (v=), so a changed file gets a new URL and this one never goes stale.
+        return FileResponse(cached, media_type="image/jpeg", headers={"Cache-Control": "max-age=86400"})
+
+    @app.get("/api/images/{image}/original", summary="The indexed file itself, by id")
+    def original(image: str) -> StreamingResponse:
+        snapshot = live.get()
+        relative, path = snapshot_image(snapshot, image)
+        try:  # opened here: a file deleted from now on still streams whole
+            handle = open(path, "rb")  # noqa: SIM115 (closed by the response when it is sent)
+        except OSError as error:
+            raise missing(image, relative, error) from error
+        size = os.fstat(handle.fileno()).st_size
+        media_type = mimetypes.guess_type(relative)[0] or "application/octet-stream"
+        headers = {"Content-Length": str(size), "Content-Disposition": _inline(Path(relative).name)}
+        return StreamingResponse(_chunks(handle), media_type=media_type, headers=headers)
+
+    @app.get("/api/images/{image}/heatmap", summary="Where in an indexed image a text is: a PNG overlay")
+    def heatmap(image: str, q: Annotated[str, Query(description="the text to find")]) -> Response:
+        texts = check_texts([q], "q")
+        if not texts:
+            raise HTTPException(422, "q: give the text to find in the image")
+        snapshot = live.get()
+        relative, path = snapshot_image(snapshot, image)
+        picture = shrunk(image, relative, path, limits.heatmap_px)
+        # torch and matplotlib: only heatmaps need them
+        from bridge.grounding import heatmaps, overlay_heatmap
+
+        patch = bridge.encoder.patch_size
+        if min(picture.size) < patch:
+            raise HTTPException(
+                422,
+                f"image '{image}' is {picture.width}x{picture.height}: too thin for {patch}-pixel patches",
+            )
+        with model_lock:
+            (scores,) = heatmaps(bridge, picture, texts)
+        return Response(
+            _encoded(overlay_heatmap(picture, scores), "PNG"),
+            media_type="image/png",
+            headers={"Cache-Control": "max-age=86400"},
+        )
+
+    return app
+
+
+def serve(
+    index_dir: str | os.PathLike,
+    model_dir: str | os.PathLike | None = None,
+    host: str = DEFAULT_HOST,
+    port: int = 8000,
+    token: str | None = None,
+    threads: int = SERVE_THREADS,
+    log_level: str = "info",
+) -> None:
+    """Serve `index_dir` until interrupted. Any address but loopback needs a token (default: the
+    environment variable DINOBRIDGE_TOKEN). One process: the model and the index are loaded once."""
+    import torch
+    import uvicorn
+
+    token = token or os.environ.get(TOKEN_ENV) or None
+    check_exposure(host, token)
+    torch.set_num_threads(threads)
+    app = create_app(index_dir, model_dir, token)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, workers=1)
+
+
+# The page runs only its own script and styles, and shows only this server's images (and the query image
+# the user picked, as a blob: URL).
+_PAGE_POLICY = (
+    "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
+    "object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+)
+
+
+def _load_bridge(index_dir: Path, model_dir: str | os.PathLike | None) -> TextBridge:
+    from bridge.model import TextBridge
+
+    if model_dir is None:
+        raise ValueError(
+            f"index '{index_dir}' does not record its model; pass the bridge directory (--model)"
+        )
+    return TextBridge.from_pretrained(model_dir)
+
+
+def _result(image: str, relative: str, score: float, snapshot: Snapshot, texts: list[str]) -> dict:
+    record = snapshot.index.store.record(relative)
+    version = record.sha256[:12] if record else ""
+    result = {
+        "id": image,
+        "path": relative,
+        "score": round(score, 6),
+        "thumbnail": f"/api/images/{image}/thumbnail?v={version}",
+        "original": f"/api/images/{image}/original",
+    }
+    if texts:
+        from urllib.parse import quote
+
+        result["heatmap"] = f"/api/images/{image}/heatmap?q={quote(' '.join(texts))}&v={version}"
+    return result
+
+
+def _given_token(request) -> str | None:
+    authorization = request.headers.get("authorization", "")
+    if authorization.lower().startswith("bearer "):
+        return authorization[7:].strip()
+    return request.query_params.get("token") or request.cookies.get(TOKEN_COOKIE)
+
+
+def _too_many_bytes(size: int, limits: Limits) -> str:
+    given = f"{size:,} bytes" if size >= 0 else "an unreadable Content-Length"
+    return f"upload of {given} is over the limit of {limits.upload_bytes:,} bytes; send a smaller image"
+
+
+def _write_cache(path: Path, data: bytes) -> bool:
+    """Write a cache file atomically; False (logged) where the cache folder cannot be written."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        temporary.write_bytes(data)
+        os.replace(temporary, path)
+        return True
+    except OSError as error:
+        log.warning("thumbnail not cached in '%s': %s", path.parent, error)
+        return False
+
+
+def _encoded(picture: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    picture.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def _chunks(handle, size: int = 256 * 1024):
+    with handle:
+        while chunk := handle.read(size):
+            yield chunk
+
+
+def _inline(name: str) -> str:
+    from urllib.parse import quote
+
+    return f"inline; filename*=UTF-8''{quote(name)}"
+
+
+def _version() -> str:
+    from bridge import __version__
+
+    return __version__
