@@ -72,13 +72,13 @@ def break_line_3(data: Path) -> str:
 REFUSED = r"already holds an earlier run .*continue that run with --resume, or train into another --out"
 
 
-def killed_in_step_3(monkeypatch, train, module, batches: str) -> None:
-    """Run `train()` with `module.batches(data, config, batch, ...)` interrupted at micro-batch 2 (step 3,
-    after the step-2 checkpoint), as a kill would stop it."""
+def killed(monkeypatch, train, module, batches: str, at: int = 2) -> None:
+    """Run `train(resume=False)` with `module.batches(data, config, batch, ...)` interrupted at micro-batch
+    `at` (2: in step 3, after a step-2 checkpoint), as a kill would stop it."""
     real = getattr(module, batches)
 
     def dies(*args, **kwargs):
-        if args[2] == 2:
+        if args[2] == at:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
@@ -109,7 +109,7 @@ def test_a_failed_text_run_leaves_the_earlier_run_resumable(tmp_path, monkeypatc
         config = tiny_run(steps=4, checkpoint_every=2)
         return train_text_bridge(config, str(data), out, resume=resume, progress=False)[1]
 
-    killed_in_step_3(monkeypatch, train, training.align, "sample_batch")
+    killed(monkeypatch, train, training.align, "sample_batch")
     assert sorted(p.name for p in (out / CHECKPOINTS).iterdir()) == ["step-0000002"]
     resumed = refused_and_failed_runs_change_nothing(train, data, out)
     assert len(resumed.losses) == 2  # steps 3 and 4: it went on from its checkpoint
@@ -127,7 +127,7 @@ def test_a_failed_llm_route_run_leaves_the_earlier_run_resumable(tmp_path, monke
     def train(resume):
         return train_vlm(tiny_vlm_run(), str(data), out, resume=resume, progress=False)[1]
 
-    killed_in_step_3(monkeypatch, train, training.vlm, "batch_indices")
+    killed(monkeypatch, train, training.vlm, "batch_indices")
     resumed = refused_and_failed_runs_change_nothing(train, data, out)
     assert len(resumed.losses) == 1 and logged_steps(out) == [1, 2, 3]
 
@@ -210,6 +210,35 @@ def test_out_naming_a_file_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="--out '.*notes.txt' is a file, not a directory"):
         train_text_bridge(tiny_run(steps=2), "synthetic:16", tmp_path / "notes.txt", progress=False)
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_resume_needs_a_run_and_a_new_run_needs_an_empty_out(tmp_path, monkeypatch):
+    with pytest.raises(
+        ConfigError, match=r"--resume: '.*nothing' holds no run to continue \(no run_config\.json\)"
+    ):
+        train_text_bridge(
+            tiny_run(steps=2), "synthetic:16", tmp_path / "nothing", resume=True, progress=False
+        )
+    assert not (tmp_path / "nothing").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(
+        ConfigError, match=r"'.*mine' is not empty \(notes\.txt\) and holds no run to continue"
+    ):
+        train_text_bridge(tiny_run(steps=2), "synthetic:16", mine, progress=False)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+    # Killed in its first step, before any checkpoint: refused as a new run, continued from step 0.
+    out = tmp_path / "run"
+
+    def train(resume):
+        return train_text_bridge(tiny_run(steps=2), "synthetic:16", out, resume=resume, progress=False)[1]
+
+    killed(monkeypatch, train, training.align, "sample_batch", at=0)
+    with pytest.raises(ConfigError, match=REFUSED):
+        train(resume=False)
+    assert len(train(resume=True).losses) == 2
 
 
 def test_an_empty_out_and_one_holding_only_a_failed_runs_cache_are_fine(tmp_path):

@@ -177,17 +177,25 @@ def run_cache_dir(out_dir: str | Path, cache_dir: str | None) -> Path:
 
 
 def check_out_dir(out_dir: str | Path, resume: bool, cache_dir: str | Path | None = None) -> None:
-    """Refuse to start a new run where it would replace what is there.
+    """Refuse to start a run where it would replace what is there, or to resume one that is not there.
 
     A fresh run (no `resume`) needs an `out_dir` that is missing, empty, or holds only its feature cache
     (`cache_dir`, which a run that failed while filling it leaves behind and a rerun reuses). Anything else
     (an earlier run's checkpoints and log, a saved model, someone's files) stays as it is: the run is
-    refused before any work, and the message gives the two ways on, `--resume` or another `--out`.
+    refused before any work, and the message gives the ways on. `resume` needs the record of a run
+    (`run_config.json`, written once its data was ready), even one killed before its first checkpoint.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--out '{out_dir}' is a file, not a directory; give a directory for the run")
-    if resume or not out_dir.is_dir():
+    if resume:
+        if not (out_dir / RUN_CONFIG).is_file():
+            raise ConfigError(
+                f"--resume: '{out_dir}' holds no run to continue (no {RUN_CONFIG}); leave out --resume "
+                "to start a new run there"
+            )
+        return
+    if not out_dir.is_dir():
         return
     cache = Path(cache_dir).resolve() if cache_dir is not None else None
     held = sorted(
@@ -195,13 +203,18 @@ def check_out_dir(out_dir: str | Path, resume: bool, cache_dir: str | Path | Non
         for entry in out_dir.iterdir()
         if cache is None or not (cache == entry.resolve() or entry.resolve() in cache.parents)
     )
-    if held:
-        shown = ", ".join(held[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
-        what = "an earlier run" if RUN_CONFIG in held or CHECKPOINTS in held else "files"
+    if not held:
+        return
+    shown = ", ".join(held[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
+    if RUN_CONFIG in held:
         raise ConfigError(
-            f"--out '{out_dir}' already holds {what} ({shown}), which a new run would replace; continue "
-            "that run with --resume, or train into another --out (a new or empty directory)"
+            f"--out '{out_dir}' already holds an earlier run ({shown}), which a new run would replace; "
+            "continue that run with --resume, or train into another --out (a new or empty directory)"
         )
+    raise ConfigError(
+        f"--out '{out_dir}' is not empty ({shown}) and holds no run to continue; train into another --out "
+        "(a new or empty directory)"
+    )
 
 
 def check_resume(out_dir: str | Path, settings: dict, resume: bool) -> None:
