@@ -3,14 +3,17 @@
 `update_index` brings an index in line with its folder (what `ImageIndex.update` promises is said
 there): files are read, hashed and decoded in workers (decoding.py), embedded here a batch at a time, and
 committed every `commit_every` images; under `accelerate launch` each process does its share and the main
-process merges the parts.
+process merges the parts. The main process holds the index's lock for the whole run (index_lock.py): it
+alone commits, so the others trust it. Before anything else it adopts what is committed now and drops
+damaged shards, whose images the run then embeds again like any file the index lacks.
 
-Not here: how a commit is made atomic and what the files are (index_files.py), queries (index.py,
-search.py), the rules that say whether a file is an image and why it failed (images.py).
+Not here: how a commit is made atomic, what the files are and how damage is found (index_files.py),
+queries (index.py, search.py), the rules that say whether a file is an image and why it failed (images.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -27,6 +30,7 @@ from bridge.decoding import decode_jpegs, gpu_decodable, ordered_map, pixel_batc
 from bridge.images import ImageLoadError, is_supported_image, try_load_image
 from bridge.index import IndexSummary, embed_images
 from bridge.index_files import FAILURE_LOG, FileRecord, IndexStore, Part, Shard, write_atomic
+from bridge.index_lock import index_lock
 from bridge.runtime import processes
 
 if TYPE_CHECKING:
@@ -46,103 +50,139 @@ def update_index(
     gpu_decode: bool | None,
 ) -> IndexSummary:
     """Embed the new and changed files of the folder `store` indexes, drop the deleted ones; the run's
-    summary (arguments as `ImageIndex.update` takes them)."""
+    summary (arguments as `ImageIndex.update` takes them). The main process holds the index's lock
+    throughout; a second writer is refused (index_lock.py)."""
     root = store.root
     if not root.is_dir():  # an unmounted drive must not read as "every image was deleted"
         raise FileNotFoundError(f"folder '{root}' indexed by '{store.directory}' is not there")
-    started, summary = time.perf_counter(), IndexSummary()
-    state = processes()
+    started, summary, state = time.perf_counter(), IndexSummary(), processes()
     rank, world = state.process_index, state.num_processes
-    if rank == 0:
-        store.remove_orphans()
-    state.wait_for_everyone()
-    tasks, gone = _scan(root, store, summary if rank == 0 else IndexSummary())
-    tasks = tasks[rank::world]
-    part = Part(store.directory, rank, world, store.manifest["next_shard"]) if world > 1 else None
-    commit = store.commit if part is None else part.add
-    if gone and rank == 0:
-        store.commit([], [], [], drops=gone)
-        summary.removed = len(gone)
+    with _taking_over(store, state):
+        tasks, gone = _scan(root, store, summary if rank == 0 else IndexSummary())
+        tasks = tasks[rank::world]
+        part = Part(store.directory, rank, world, store.manifest["next_shard"]) if world > 1 else None
+        commit = store.commit if part is None else part.add
+        if gone and rank == 0:
+            store.commit([], [], [], drops=gone)
+            summary.removed = len(gone)
 
-    records, text, image, drops, batch = [], [], [], [], []
-    preprocessing, device = bridge.encoder.preprocessing, bridge.encoder.device
-    gpu_decode = device.type == "cuda" if gpu_decode is None else gpu_decode
+        records, text, image, drops, batch = [], [], [], [], []
+        preprocessing, device = bridge.encoder.preprocessing, bridge.encoder.device
+        gpu_decode = device.type == "cuda" if gpu_decode is None else gpu_decode
 
-    def embed_batch() -> None:
-        clock = time.perf_counter()
-        decoded = _decode_left_for_the_device(batch, preprocessing, device)
-        for record, error in [(r, p) for r, p in decoded if isinstance(p, ImageLoadError)]:
-            summary.failed.append((str(root / record.path), error.reason))
-            summary.indexed -= 1
-            if record.path in store.live:  # changed and now unreadable: its old embedding is stale
-                drops.append(store.live[record.path])
-        good = [(record, pixels) for record, pixels in decoded if not isinstance(pixels, ImageLoadError)]
-        if good:
-            vectors = embed_images(bridge, pixel_batch([pixels for _, pixels in good], device))
-            records.extend(record for record, _ in good)
-            text.extend(vectors[0])
-            image.extend(vectors[1])
-        summary.model_seconds += time.perf_counter() - clock
-        batch.clear()
+        def embed_batch() -> None:
+            clock = time.perf_counter()
+            decoded = _decode_left_for_the_device(batch, preprocessing, device)
+            for record, error in [(r, p) for r, p in decoded if isinstance(p, ImageLoadError)]:
+                summary.failed.append((str(root / record.path), error.reason))
+                summary.indexed -= 1
+                if record.path in store.live:  # changed and now unreadable: its old embedding is stale
+                    drops.append(store.live[record.path])
+            good = [(record, pixels) for record, pixels in decoded if not isinstance(pixels, ImageLoadError)]
+            if good:
+                vectors = embed_images(bridge, pixel_batch([pixels for _, pixels in good], device))
+                records.extend(record for record, _ in good)
+                text.extend(vectors[0])
+                image.extend(vectors[1])
+            summary.model_seconds += time.perf_counter() - clock
+            batch.clear()
 
-    timing = {"wait": 0.0}
-    jobs = [(path, known, preprocessing, gpu_decode) for path, _, _, _, known in tasks]
-    results = ordered_map(_prepare, jobs, workers, 2 * batch_size, timing)
-    for (path, relative, size, mtime_ns, _), (_, result) in tqdm(
-        zip(tasks, results, strict=True),
-        total=len(tasks),
-        desc="indexing",
-        unit="img",
-        disable=not progress,
-    ):
-        if isinstance(result, ImageLoadError):
-            summary.failed.append((path, result.reason))
-            if relative in store.live:  # changed and now unreadable: its old embedding is stale
-                drops.append(store.live[relative])
-            continue
-        record = FileRecord(relative, size, mtime_ns, sha256=result[0])
-        if result[1] is None:  # touched but the same content: keep the embeddings, update the record
-            shard, row = store.live[relative]
-            records.append(record)
-            text.append(shard.text[row])
-            image.append(shard.image[row])
-            summary.unchanged += 1
-        else:
-            batch.append((record, result[1]))
-            summary.indexed += 1
-            if len(batch) >= batch_size or len(records) + len(batch) >= commit_every:
-                embed_batch()
-        if len(records) >= commit_every:
+        timing = {"wait": 0.0}
+        jobs = [(path, known, preprocessing, gpu_decode) for path, _, _, _, known in tasks]
+        results = ordered_map(_prepare, jobs, workers, 2 * batch_size, timing)
+        for (path, relative, size, mtime_ns, _), (_, result) in tqdm(
+            zip(tasks, results, strict=True),
+            total=len(tasks),
+            desc="indexing",
+            unit="img",
+            disable=not progress,
+        ):
+            if isinstance(result, ImageLoadError):
+                summary.failed.append((path, result.reason))
+                if relative in store.live:  # changed and now unreadable: its old embedding is stale
+                    drops.append(store.live[relative])
+                continue
+            record = FileRecord(relative, size, mtime_ns, sha256=result[0])
+            if result[1] is None:  # touched but the same content: keep the embeddings, update the record
+                shard, row = store.live[relative]
+                records.append(record)
+                text.append(shard.text[row])
+                image.append(shard.image[row])
+                summary.unchanged += 1
+            else:
+                batch.append((record, result[1]))
+                summary.indexed += 1
+                if len(batch) >= batch_size or len(records) + len(batch) >= commit_every:
+                    embed_batch()
+            if len(records) >= commit_every:
+                commit(records, text, image, drops)
+                records, text, image, drops = [], [], [], []
+        if batch:
+            embed_batch()
+        if records or drops:
             commit(records, text, image, drops)
-            records, text, image, drops = [], [], [], []
-    if batch:
-        embed_batch()
-    if records or drops:
-        commit(records, text, image, drops)
-    if part is not None:
-        part.finish(
-            {"indexed": summary.indexed, "unchanged": summary.unchanged, "failed": summary.failed}
-            | {"model_seconds": summary.model_seconds}
-        )
-        state.wait_for_everyone()
-        if rank == 0:
-            for other in store.merge_parts(world)[1:]:  # the main process's own counts are in `summary`
-                summary.indexed += other["indexed"]
-                summary.unchanged += other["unchanged"]
-                summary.failed += [tuple(failure) for failure in other["failed"]]
-                summary.model_seconds = max(summary.model_seconds, other["model_seconds"])
-        state.wait_for_everyone()
-        if rank != 0:
-            return summary
-    if store.fragmented():
-        store.save(store.directory)
+        if part is not None:
+            part.finish(
+                {"indexed": summary.indexed, "unchanged": summary.unchanged, "failed": summary.failed}
+                | {"model_seconds": summary.model_seconds}
+            )
+            state.wait_for_everyone()
+            if rank == 0:
+                for other in store.merge_parts(world)[1:]:  # the main process's own counts are in `summary`
+                    summary.indexed += other["indexed"]
+                    summary.unchanged += other["unchanged"]
+                    summary.failed += [tuple(failure) for failure in other["failed"]]
+                    summary.model_seconds = max(summary.model_seconds, other["model_seconds"])
+            state.wait_for_everyone()
+            if rank != 0:
+                return summary
+        if store.fragmented():
+            store.save(store.directory)
 
-    summary.failure_log = str(store.directory / FAILURE_LOG)
-    write_atomic(store.directory / FAILURE_LOG, "".join(f"{p}: {r}\n" for p, r in summary.failed))
-    summary.total, summary.decode_wait_seconds = len(store), timing["wait"]
-    summary.seconds = time.perf_counter() - started
-    log.info("index '%s': %s", store.directory, summary)
-    return summary
+        summary.failure_log = str(store.directory / FAILURE_LOG)
+        write_atomic(store.directory / FAILURE_LOG, "".join(f"{p}: {r}\n" for p, r in summary.failed))
+        summary.total, summary.decode_wait_seconds = len(store), timing["wait"]
+        summary.seconds = time.perf_counter() - started
+        log.info("index '%s': %s", store.directory, summary)
+        return summary
+
+
+@contextlib.contextmanager
+def _taking_over(store: IndexStore, state) -> Iterator[None]:
+    """Inside the block, `store` is the index this run changes. The main process takes the lock (held
+    until the block ends), adopts what is committed now (another run may have committed since `store` was
+    read), drops damaged shards so that their images are embedded again, and removes what killed runs
+    left; then the other processes read the result. An error in the main process is raised in every
+    process, so that none waits for it forever."""
+    error, held = None, contextlib.ExitStack()
+    if state.is_main_process:
+        try:
+            held.enter_context(index_lock(store.directory))
+            store.catch_up()
+            for name, (what, rows) in store.repair().items():
+                log.warning(
+                    "index '%s': shard '%s' was damaged (%s); dropped, its %d images are embedded again",
+                    store.directory,
+                    name,
+                    what,
+                    rows,
+                )
+            store.remove_orphans()
+        except Exception as caught:  # raised below, once the other processes know
+            error = caught
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        message = broadcast_object_list([None if error is None else str(error)])[0]
+        if not state.is_main_process:
+            if message is not None:
+                raise ValueError(message)
+            store.catch_up()  # the main process holds the lock: this only reads
+    if error is not None:
+        held.close()
+        raise error
+    with held:
+        yield
 
 
 def _scan(
