@@ -385,8 +385,11 @@ def _train(args) -> int:
         print(f"skipped {len(result.skipped)} unreadable images:")
         for origin, reason in result.skipped:
             print(f"  {origin}: {reason}")
-    print(f"held-out text->image R@1/5/10 {_recalls(result.metrics, 'text_to_image')}")
-    print(f"held-out image->text R@1/5/10 {_recalls(result.metrics, 'image_to_text')}")
+    if result.metrics:
+        print(f"held-out text->image R@1/5/10 {_recalls(result.metrics, 'text_to_image')}")
+        print(f"held-out image->text R@1/5/10 {_recalls(result.metrics, 'image_to_text')}")
+    else:
+        print("no held-out pairs (train.held_out: 0): nothing measured")
     print(f"saved the bridge to {args.out}")
     return 0
 

@@ -62,7 +62,7 @@ class CaptionedFeatures:
         hard_negative_words: list[list[str]] | None = None,
         negatives_per_group: int = 1,
     ) -> CaptionedFeatures:
-        counts = torch.tensor([len(pair.captions) for pair in features.pairs])
+        counts = torch.tensor([len(pair.captions) for pair in features.pairs], dtype=torch.long)
         texts = [caption for pair in features.pairs for caption in pair.captions]
         negatives = None
         if hard_negative_words:
@@ -208,7 +208,8 @@ def fit(
     def after_step(done: int) -> None:
         if config.eval_every and done % config.eval_every == 0 and done < config.steps:
             metrics = evaluate_alignment(bridge, data.held_out)
-            log.info("step %d: held-out text->image R@1 %.3f", done, metrics["text_to_image_R@1"])
+            if metrics:
+                log.info("step %d: held-out text->image R@1 %.3f", done, metrics["text_to_image_R@1"])
 
     head = TrainableHead(bridge, config.loss).train()
     losses = run_loop(head, micro_step, config, out_dir, resume, progress, "training", after_step)
@@ -265,7 +266,10 @@ def sample_batch(
 def evaluate_alignment(
     bridge: TextBridge, data: CaptionedFeatures, batch_size: int = 512
 ) -> dict[str, float]:
-    """Held-out retrieval recall, the whole held-out set as the gallery (projector in eval mode)."""
+    """Held-out retrieval recall, the whole held-out set as the gallery (projector in eval mode); {} with
+    no held-out set (`train.held_out: 0`), where there is nothing to measure."""
+    if len(data.features) == 0:
+        return {}
     was_training = bridge.projector.training
     bridge.projector.eval()
     embeddings = [
