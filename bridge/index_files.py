@@ -11,7 +11,8 @@ An index is a directory:
     faiss-<space>-<gen>.npz    what a search back-end caches between searches (search.py): FAISS's index
                                of a large collection, named by the manifest generation it was built from
     part-<rank>.json           only during a run of N processes: what process <rank> wrote, for the merge
-    writer.lock                only while a writer runs: the lock (index_lock.py) and who holds it
+    writer.lock                while a writer runs: the lock (index_lock.py) and who holds it; one a
+                               killed writer leaves is harmless, its lock died with it
 
 Why a killed run loses nothing: every file is written under a temporary name and renamed when complete, a
 shard under a name no manifest mentions yet, then one `os.replace` of manifest.json commits it. Shards are
