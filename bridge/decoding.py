@@ -9,6 +9,12 @@ not from the caller, whose torch and tokenizer threads fork does not copy safely
 once torch had run), and without re-importing everything as "spawn" does. Each worker runs torch on one
 thread, so N workers use N cores. A script that calls this needs an `if __name__ == "__main__":` guard.
 
+Every process started here dies with the caller, even one killed with SIGKILL, which runs no clean-up:
+each worker exits when a pipe only the caller writes to reaches end-of-file (its death closes it), and
+on Linux the kernel also kills the fork server when the caller dies and each worker when the fork server
+dies (PR_SET_PDEATHSIG). Without that a killed `dinobridge index` left its workers waiting forever on a
+queue they themselves hold open, and they in turn kept the fork server and the resource tracker alive.
+
 On a GPU, JPEGs are decoded there instead (`decode_jpegs`, nvJPEG through torchvision): workers only
 read and hash the bytes and check the header (`gpu_decodable`); every file the GPU would not decode as the
 CPU loader does (EXIF-rotated, CMYK, too large, not a JPEG), and any nvJPEG rejects, goes to the CPU
@@ -19,9 +25,13 @@ Not here: what a worker does with a file (images.py loads, vision.py preprocesse
 
 from __future__ import annotations
 
+import ctypes
 import io
 import multiprocessing
 import os
+import signal
+import sys
+import threading
 import time
 import warnings
 from collections import deque
@@ -36,29 +46,84 @@ from bridge.images import DEFAULT_MAX_PIXELS
 from bridge.vision import Preprocessing
 
 EXIF_ORIENTATION = 0x0112
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+# Set, to the caller's pid, while the fork server starts: the server reads it when it imports this module.
+FORK_SERVER_PARENT = "DINOBRIDGE_FORK_SERVER_PARENT"
+
+
+def die_with_parent() -> None:
+    """On Linux, have the kernel SIGKILL this process as soon as its parent exits; elsewhere nothing.
+
+    The kernel watches the parent *thread* that started this process, not the whole parent process.
+    """
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def _guard_fork_server() -> None:
+    """Run where this module is imported: in the fork server, tie it to the caller that started it."""
+    parent = os.environ.pop(FORK_SERVER_PARENT, None)
+    if parent is None:
+        return
+    die_with_parent()
+    if os.getppid() != int(parent):  # the caller died before the guard was set: nothing is left to serve
+        os._exit(0)
+
+
+_guard_fork_server()
 
 
 def start_fork_server(context, module: str) -> None:
     """Start the fork server (once a process) with `module` preloaded, without the working directory on
-    its import path.
+    its import path, and tied to the caller's life.
 
     The server runs as `python -c ...`, which puts the working directory first on sys.path, and Python
     3.11's server does not take the caller's path: a folder there named like a package (a bridge saved as
     ./bridge, say) would shadow that package in every worker, and each would die on import.
     PYTHONSAFEPATH (Python 3.11 and later) keeps the directory off.
+
+    The server preloads this module first, which makes the kernel kill it with the caller. Only when
+    the main thread starts it: the kernel would kill it when a passing thread that started it ends. (A
+    server started elsewhere still exits once the caller and its workers are gone, as multiprocessing
+    has it do.)
     """
     from multiprocessing import forkserver
 
-    context.set_forkserver_preload([module])
-    saved = os.environ.get("PYTHONSAFEPATH")
-    os.environ["PYTHONSAFEPATH"] = "1"
+    context.set_forkserver_preload([__name__, module])
+    settings = {"PYTHONSAFEPATH": "1"}
+    if threading.current_thread() is threading.main_thread():
+        settings[FORK_SERVER_PARENT] = str(os.getpid())
+    saved = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
     try:
         forkserver.ensure_running()
     finally:
-        if saved is None:
-            del os.environ["PYTHONSAFEPATH"]
-        else:
-            os.environ["PYTHONSAFEPATH"] = saved
+        for name, value in saved.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
+
+
+def _start_worker(caller_alive) -> None:
+    """A worker's start-up: torch on one thread, and an exit as soon as the caller is gone.
+
+    `caller_alive` is the read end of a pipe whose only write end the caller holds: reading it returns
+    end-of-file when the caller dies, however it dies. This works under any start method and on every
+    platform; the kernel's parent-death signal (Linux) adds a kill when the fork server dies.
+    """
+    torch.set_num_threads(1)
+    die_with_parent()
+    threading.Thread(target=_exit_when_closed, args=(caller_alive,), name="caller-watch", daemon=True).start()
+
+
+def _exit_when_closed(caller_alive) -> None:
+    try:
+        caller_alive.recv_bytes()  # nothing is ever sent: this returns only by end-of-file
+    except (EOFError, OSError):
+        pass
+    os._exit(1)
 
 
 def default_workers() -> int:
@@ -92,7 +157,10 @@ def ordered_map(
     context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
     if context.get_start_method() == "forkserver":
         start_fork_server(context, function.__module__)
-    pool = ProcessPoolExecutor(workers, context, initializer=torch.set_num_threads, initargs=(1,))
+    # The write end stays here, open until the pool is shut down: workers start on demand, each taking
+    # a copy of the read end, and exit when the write end closes.
+    caller_alive, alive_writer = context.Pipe(duplex=False)
+    pool = ProcessPoolExecutor(workers, context, initializer=_start_worker, initargs=(caller_alive,))
     pending: deque = deque()
 
     def oldest() -> tuple[tuple, object]:
@@ -111,6 +179,8 @@ def ordered_map(
             yield oldest()
     finally:
         pool.shutdown(cancel_futures=True)
+        caller_alive.close()
+        alive_writer.close()
 
 
 def gpu_decodable(data: bytes) -> bool:
