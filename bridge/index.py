@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from bridge.images import load_image
-from bridge.index_files import MANIFEST, IndexStore
+from bridge.index_files import IndexStore
 from bridge.queries import check_texts
 from bridge.search import BACKENDS, CacheFiles, SearchBackend, choose_backend
 
@@ -97,15 +97,13 @@ class ImageIndex:
         only new and changed files). `model_dir`, where `bridge` is saved, is recorded for later searches.
         `options` go to `update`; its summary is in `.summary`."""
         root, directory = Path(folder).resolve(), Path(out_dir)
-        if (directory / MANIFEST).is_file():
-            index = cls.load(directory, bridge)
-            if index.root != root:
-                raise ValueError(
-                    f"index '{directory}' indexes folder '{index.root}', not '{root}'; "
-                    "give each folder its own index directory"
-                )
-        else:
-            index = cls(IndexStore.create(directory, bridge.fingerprint(), root), bridge)
+        # A damaged manifest opens as a new index, which the update builds afresh (the old one kept aside).
+        index = cls(IndexStore.open_or_create(directory, bridge.fingerprint(), root), bridge)
+        if index.root != root:
+            raise ValueError(
+                f"index '{directory}' indexes folder '{index.root}', not '{root}'; "
+                "give each folder its own index directory"
+            )
         if model_dir is not None:  # written with the next commit
             index.store.manifest["model_dir"] = str(Path(model_dir).resolve())
         index.update(workers=workers, **options)

@@ -441,11 +441,6 @@ def test_a_damaged_manifest_is_named_and_the_next_update_moves_it_aside_and_rebu
     assert {p.name.split(".")[0] for p in out.glob("shard-*")} == {s.name for s in rebuilt.store.shards}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ImageIndex.build (index.py) opens an existing index with IndexStore.open, which refuses a "
-    "damaged manifest; starting from IndexStore.open_or_create instead makes the update move it aside",
-)
 def test_dinobridge_index_over_a_damaged_manifest_rebuilds_it(clean: ImageIndex, tiny_bridge, tmp_path: Path):
     out = tmp_path / "index"
     shutil.copytree(clean.directory, out)
