@@ -25,6 +25,7 @@ from bridge.cli import main as dinobridge
 from bridge.grounding import heatmaps, overlay_heatmap
 from bridge.images import load_image
 from bridge.index import ImageIndex
+from bridge.numpy_text import TextQueryEncoder
 from bridge.serve import Limits, check_exposure, create_app, image_id
 
 LOCAL = "http://127.0.0.1:8000"  # what a browser on this machine sends as the Host
@@ -47,10 +48,6 @@ def served(tmp_path_factory, tiny_bridge):
         root / "index", bridge=tiny_bridge, limits=Limits(upload_bytes=200_000, k=10, results=12)
     )
     return TestClient(app, base_url=LOCAL), index, folder
-
-
-def paths_and_scores(body: dict) -> list[tuple[str, float]]:
-    return [(hit["path"], hit["score"]) for hit in body["results"]]
 
 
 def relative(index: ImageIndex, found: list[tuple[str, float]]) -> list[str]:
@@ -121,6 +118,32 @@ def test_an_uploaded_image_searches_like_the_same_image_indexed(served) -> None:
     )
     expected = index.search(text="a red square", image=load_image(folder / name), minus="blue", k=4)
     assert [h["path"] for h in with_text.json()["results"]] == relative(index, expected)
+
+
+def test_text_queries_are_embedded_once_each_by_the_numpy_twin(
+    served, tiny_bridge, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, index, _ = served
+    tiny_bridge.save_pretrained(tmp_path / "model")
+    client = TestClient(create_app(index.directory, tmp_path / "model"), base_url=LOCAL)
+    embedded, twin_encode = [], TextQueryEncoder.encode_texts
+
+    def counted(self, texts, **options):
+        embedded.append(list(texts))
+        return twin_encode(self, texts, **options)
+
+    monkeypatch.setattr(TextQueryEncoder, "encode_texts", counted)
+    pages = [
+        client.get(
+            "/api/search", params={"q": "a red square", "minus": "blue", "k": 3, "offset": offset}
+        ).json()
+        for offset in (0, 3, 6)
+    ]
+    assert embedded == [["a red square"], ["blue"]]  # paging asks for the same texts again: remembered
+    expected = index.search(text="a red square", minus="blue", k=9)  # the torch tower, in this process
+    found = [(hit["path"], hit["score"]) for page in pages for hit in page["results"]]
+    assert [path for path, _ in found] == relative(index, expected)
+    np.testing.assert_allclose([s for _, s in found], [s for _, s in expected], atol=1e-5)
 
 
 # --- files by id ----------------------------------------------------------------------------------------

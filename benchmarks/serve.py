@@ -1,0 +1,222 @@
+"""Load on `dinobridge serve`: 8 clients sending text queries and "more like this" over 100,000 images.
+
+    python benchmarks/serve.py                                  # 100,000 images, 4,000 requests a run
+    python benchmarks/serve.py --images 2000 --requests 300     # a quick check (figures mean little)
+
+Saves the offline default bridge (a random 6-layer DINOv2 at 112 px and the real MiniLM), renders --real
+synthetic scenes and indexes them for real (their files are what "more like this" re-reads), then commits
+random unit vectors for made-up paths until the index holds --images rows: search costs the same whatever
+the vectors are. Then, twice, it starts `bridge.serve.serve` in a child process on 127.0.0.1 and a free
+port, with one torch thread (the serving default) and with torch's default (one per core), and runs 8
+client threads with keep-alive connections: every fifth request is "more like this" on a real scene, the
+others text queries from the scenes' captions. A run stops after --requests or --seconds, whichever comes
+first, and the server is stopped with SIGINT (killed if it does not stop). Nothing listens beyond loopback.
+
+Printed per run: p50 / p95 / p99 latency of each kind (as the clients see it, HTTP included), requests a
+second, errors, and the server's resident memory after the 1,000th request and after the last. Targets on
+the 2-core build machine: text p50 <= 20 ms and p99 <= 100 ms, 0 errors, memory within 5%. The ratio is
+torch's default threads against one (above 1: one thread is faster). The clients share the machine with
+the server, as a browser on the same laptop would: on 2 cores they take part of the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import random
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from bridge.index_files import FileRecord, IndexStore  # noqa: E402
+from bridge.synthetic import SyntheticWorld  # noqa: E402
+
+CLIENTS = 8
+SERVER = (
+    "import sys; from bridge.serve import serve; "
+    "serve(sys.argv[1], port=int(sys.argv[2]), threads=int(sys.argv[3]) or None, log_level='warning')"
+)
+
+
+def build_index(directory: Path, images: int, real: int) -> tuple[list[str], list[str]]:
+    """The index in directory/index; (captions to query with, ids of the real scenes)."""
+    from bridge.config import BridgeConfig
+    from bridge.index import ImageIndex
+    from bridge.model import TextBridge
+    from bridge.serve import image_id
+
+    folder, model = directory / "scenes", directory / "model"
+    folder.mkdir()
+    scenes = SyntheticWorld(seed=0).scenes(0, real)
+    for number, scene in enumerate(scenes):
+        scene.render().save(folder / f"scene{number:05d}.png")
+    bridge = TextBridge.from_config(BridgeConfig())
+    bridge.save_pretrained(model)
+    index = ImageIndex.build(folder, bridge, directory / "index", workers=0, progress=False, model_dir=model)
+    store = IndexStore.open(directory / "index")
+    made_up = images - len(index)
+    if made_up > 0:
+        rng = np.random.default_rng(0)
+        text_dim, image_dim = store.view("text").shape[1], store.view("image").shape[1]
+        records = [FileRecord(f"made-up/{row:07d}.jpg", 0, 0, f"{row:064x}") for row in range(made_up)]
+        store.commit(
+            records, list(unit_rows(rng, made_up, text_dim)), list(unit_rows(rng, made_up, image_dim)), []
+        )
+    captions = [caption for scene in scenes for caption in scene.captions(2)]
+    return captions, [image_id(f"scene{number:05d}.png") for number in range(real)]
+
+
+def unit_rows(rng: np.random.Generator, count: int, dim: int) -> np.ndarray:
+    rows = rng.standard_normal((count, dim)).astype(np.float32)
+    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float16)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def resident_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def start_server(index: Path, threads: int) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    environment = {**os.environ, "PYTHONPATH": str(REPO)}
+    environment.pop("DINOBRIDGE_TOKEN", None)
+    command = [sys.executable, "-c", SERVER, str(index), str(port), str(threads)]
+    server = subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and server.poll() is None:
+        try:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            connection.request("GET", "/api/status")
+            if connection.getresponse().status == 200:
+                return server, port
+        except OSError:
+            time.sleep(0.5)
+    server.kill()
+    raise RuntimeError(f"the server did not start:\n{server.stderr.read().decode()[-3000:]}")
+
+
+def stop(server: subprocess.Popen) -> None:
+    server.send_signal(signal.SIGINT)
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
+def load(port: int, server_pid: int, captions: list[str], like_ids: list[str], requests: int, seconds: float):
+    """Run CLIENTS threads until `requests` are sent or `seconds` pass; (latencies by kind, errors, memory)."""
+    latencies: dict[str, list[float]] = {"text": [], "like": []}
+    errors: list[str] = []
+    memory: dict[str, float] = {}
+    counter, lock, deadline = [0], threading.Lock(), time.monotonic() + seconds
+
+    def client(seed: int) -> None:
+        rng = random.Random(seed)
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        while time.monotonic() < deadline:
+            with lock:
+                number = counter[0]
+                counter[0] += 1
+            if number >= requests:
+                return
+            kind = "like" if number % 5 == 4 else "text"
+            query = {"like": rng.choice(like_ids)} if kind == "like" else {"q": rng.choice(captions)}
+            url = f"/api/search?{urllib.parse.urlencode({**query, 'k': 24})}"
+            started = time.perf_counter()
+            try:
+                connection.request("GET", url)
+                response = connection.getresponse()
+                body = response.read()
+                if response.status != 200 or not json.loads(body)["results"]:
+                    errors.append(f"{response.status} {body[:200]!r}")
+            except (OSError, http.client.HTTPException) as error:
+                errors.append(repr(error))
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+                continue
+            with lock:
+                latencies[kind].append(time.perf_counter() - started)
+                done = len(latencies["text"]) + len(latencies["like"])
+                if done == 1000:
+                    memory["after 1,000"] = resident_mb(server_pid)
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=client, args=(seed,)) for seed in range(CLIENTS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    memory["after the last"] = resident_mb(server_pid)
+    return latencies, errors, memory, time.perf_counter() - started
+
+
+def percentiles(values: list[float]) -> str:
+    if len(values) < 2:
+        return "n/a"
+    cuts = statistics.quantiles(values, n=100, method="inclusive")
+    return f"p50 {1000 * cuts[49]:.1f} / p95 {1000 * cuts[94]:.1f} / p99 {1000 * cuts[98]:.1f} ms"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--images", type=int, default=100_000, help="rows in the index (default: 100,000)")
+    parser.add_argument("--real", type=int, default=200, help="of which real scenes (default: 200)")
+    parser.add_argument("--requests", type=int, default=4_000, help="requests a run at most (default: 4,000)")
+    parser.add_argument("--seconds", type=float, default=300, help="seconds a run at most (default: 300)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as scratch:
+        directory = Path(scratch)
+        began = time.perf_counter()
+        captions, like_ids = build_index(directory, args.images, args.real)
+        print(
+            f"index of {args.images:,} images ({args.real} real) built in {time.perf_counter() - began:.0f} s"
+        )
+        text_p50 = {}
+        for threads, name in [(1, "1 torch thread (serving default)"), (0, "torch's default threads")]:
+            server, port = start_server(directory / "index", threads)
+            try:
+                latencies, errors, memory, wall = load(
+                    port, server.pid, captions, like_ids, args.requests, args.seconds
+                )
+            finally:
+                stop(server)
+            count = len(latencies["text"]) + len(latencies["like"])
+            text_p50[threads] = statistics.median(latencies["text"]) if latencies["text"] else float("nan")
+            growth = memory["after the last"] / memory.get("after 1,000", float("nan")) - 1
+            print(
+                f"\n{name}: {count:,} requests in {wall:.1f} s ({count / wall:.0f}/s), {len(errors)} errors"
+            )
+            print(f"  text queries   {percentiles(latencies['text'])}")
+            print(f"  more like this {percentiles(latencies['like'])}")
+            print(
+                f"  server memory  {memory.get('after 1,000', float('nan')):.0f} MB after 1,000 requests, "
+                f"{memory['after the last']:.0f} MB after the last ({growth:+.1%})"
+            )
+            for error in errors[:5]:
+                print(f"  error: {error}")
+        print(f"\ntext p50, torch's default threads / one thread: {text_p50[0] / text_p50[1]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
