@@ -3,9 +3,10 @@
 The user-facing model of the text route: `encode_images` / `encode_texts` (batched inference, numpy
 out), `encode_image` / `encode_text` (tensors that keep gradients, for training), `similarity`,
 per-patch embeddings, and `save_pretrained` / `from_pretrained`. A saved bridge is a directory with
-`config.json` (what the encoder and tower are, by hub name or absolute local path, and the bridge's
-fingerprint), the trained weights in `model.safetensors` (a few MB), and `encoder/` only when the encoder
-was built from a config and so exists nowhere else. Nothing is ever unpickled.
+`config.json` (its kind and format version, what the encoder and tower are, by hub name or absolute local
+path, and the bridge's fingerprint), the trained weights in `model.safetensors` (a few MB), and `encoder/`
+only when the encoder was built from a config and so exists nowhere else. Nothing is ever unpickled, and
+no model folder's own Python code is ever run.
 
 Not here: training (training/align.py) or the image index (index.py).
 """
@@ -28,14 +29,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from bridge.config import BridgeConfig, ConfigError, from_dict, to_dict
+from bridge.config import BridgeConfig, ConfigError, ProjectorConfig, from_dict, to_dict
 from bridge.fingerprint import fingerprint
 from bridge.images import load_image
+from bridge.model_files import CONFIG_FILE, TEXT_BRIDGE, read_saved_config, refuse_custom_code, saved_header
 from bridge.projectors import build_projector, check_widths
 from bridge.text import TextTower, build_text_tower
 from bridge.vision import FrozenEncoder, VisionFeatures, check_image_size
 
-CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 ENCODER_DIR = "encoder"  # where an encoder built from a config is saved inside a bridge
 # CLIP caps its learned temperature at 100 so the logits cannot blow up early in training; the losses cap
@@ -243,6 +244,7 @@ class TextBridge(nn.Module):
             config.encoder.image_size = None  # the saved preprocessor config already has it
         # The fingerprint is saved with the projector's own, so a load can tell it is still these weights'.
         saved = {
+            **saved_header(TEXT_BRIDGE),
             "bridge": to_dict(config),
             "fingerprint": self.fingerprint(),
             "projector_fingerprint": self._fingerprint[1],
@@ -255,19 +257,26 @@ class TextBridge(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> TextBridge:
+        """The bridge `save_pretrained` wrote to `directory`. What it cannot load (another kind of model,
+        a newer format, a damaged or mismatched file, a model needing custom code) is refused in one line
+        naming the file and the fix, before any weights are read."""
         directory = Path(directory)
+        saved = read_saved_config(directory, TEXT_BRIDGE)
         config_file = directory / CONFIG_FILE
-        if not config_file.is_file():
-            raise FileNotFoundError(f"'{directory}' is not a saved bridge: it has no {CONFIG_FILE}")
-        saved = json.loads(config_file.read_text())
         config = from_dict(BridgeConfig, saved["bridge"], str(config_file))
         if config.encoder.name == ENCODER_DIR:
-            config.encoder.name = str(directory / ENCODER_DIR)
+            config.encoder.name = saved_part(directory, ENCODER_DIR, "encoder")
+        if config.encoder.name is not None:
+            # The encoder is built on first use; a folder that would run code is refused now.
+            refuse_custom_code(config.encoder.name)
         # The saved widths let the projector be built now and the encoder on first use (`encoder`); only a
         # config without them (written by hand) needs the encoder to tell its width.
         encoder = None if config.projector.in_dim else FrozenEncoder.from_config(config.encoder)
-        bridge = cls._assemble(config, encoder, config.projector.in_dim or encoder.hidden_size)
-        bridge.load_weights(directory / WEIGHTS_FILE)
+        try:
+            bridge = cls._assemble(config, encoder, config.projector.in_dim or encoder.hidden_size)
+        except ConfigError as error:
+            raise ConfigError(f"'{config_file}' describes a bridge that cannot be built: {error}") from None
+        bridge.load_weights(directory / WEIGHTS_FILE, config_file)
         # The saved fingerprint stands for these weights if the projector is still the one it was saved
         # with (a weights file copied in from another run is not); bridges saved before it was kept, or
         # whose file does not match, compute theirs.
@@ -276,16 +285,69 @@ class TextBridge(nn.Module):
             bridge._fingerprint = (saved["fingerprint"], projector)
         return bridge
 
-    def load_weights(self, path: str | Path) -> None:
-        """Load projector weights, temperature and bias from a safetensors file; never unpickles."""
+    def load_weights(self, path: str | Path, config_file: Path | None = None) -> None:
+        """Load projector weights, temperature and bias from a safetensors file; never unpickles.
+
+        `config_file`, when the weights come with one, is named if they do not fit the projector it
+        describes."""
         weights = read_safetensors(path)
-        projector = {
-            k.removeprefix("projector."): v for k, v in weights.items() if k.startswith("projector.")
-        }
-        self.projector.load_state_dict(projector, strict=True)
+        load_projector_weights(
+            self.projector, self.config.projector, weights, path, config_file, ("logit_scale", "logit_bias")
+        )
         with torch.no_grad():
             self.logit_scale.copy_(weights["logit_scale"])
             self.logit_bias.copy_(weights["logit_bias"])
+
+
+def saved_part(directory: Path, folder: str, what: str) -> str:
+    """The path of a part a model saved inside its own directory (an encoder or LLM built from a config,
+    which exists nowhere else), refused in one line when it is not there."""
+    path = directory / folder
+    if not (path / CONFIG_FILE).is_file():
+        state = "has no config.json" if path.is_dir() else "is missing"
+        raise ConfigError(
+            f"'{path}' {state}: this {what} was built from a config and saved only there; copy the whole "
+            f"directory the model was saved to, {folder}/ included, or save the model again"
+        )
+    return str(path)
+
+
+def load_projector_weights(
+    projector: nn.Module,
+    config: ProjectorConfig,
+    weights: dict[str, torch.Tensor],
+    weights_file: str | Path,
+    config_file: Path | None = None,
+    also: Sequence[str] = (),
+) -> None:
+    """Load the "projector."-prefixed tensors of `weights` into `projector`, after checking that they are
+    its weights (names and shapes) and that the keys `also` are there, so a mismatch reads as one line
+    naming the files and the fix, not as torch's dump of two state dicts."""
+    expected = {k: tuple(v.shape) for k, v in projector.state_dict().items()}
+    given = {k.removeprefix("projector."): v for k, v in weights.items() if k.startswith("projector.")}
+    problems = [f"no projector.{k}" for k in expected if k not in given]
+    problems += [f"no {k}" for k in also if k not in weights]
+    problems += [f"projector.{k}, which it has no place for" for k in given if k not in expected]
+    problems += [
+        f"projector.{k} of shape {tuple(v.shape)} where {expected[k]} is expected"
+        for k, v in given.items()
+        if k in expected and tuple(v.shape) != expected[k]
+    ]
+    if problems:
+        options = "".join(f", {key}={value}" for key, value in config.options.items())
+        described = f"a '{config.kind}' projector ({config.in_dim} -> {config.out_dim}{options})"
+        found = f"{problems[0]}{f' and {len(problems) - 1} more differences' if len(problems) > 1 else ''}"
+        if config_file is not None:
+            raise ConfigError(
+                f"'{config_file}' names {described} but '{weights_file}' holds another one's weights "
+                f"({found}): restore the 'projector' section of {config_file.name} as it was saved with "
+                "these weights, or save the model again"
+            )
+        raise ConfigError(
+            f"'{weights_file}' holds the weights of another projector than this model's, {described} "
+            f"({found}); load weights saved from a model with the same projector settings"
+        )
+    projector.load_state_dict(given, strict=True)
 
 
 def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:

@@ -89,4 +89,4 @@ def build_offline_llm(
             f"llm.architecture {config.architecture} is not a transformers config: {error}"
         ) from None
     torch.manual_seed(config.seed)
-    return transformers.AutoModelForCausalLM.from_config(model_config), tokenizer
+    return transformers.AutoModelForCausalLM.from_config(model_config, trust_remote_code=False), tokenizer

@@ -21,10 +21,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bridge.config import ConfigError, TextConfig, resolve_model_name
+from bridge.model_files import native_code_only
 
 log = logging.getLogger(__name__)
 
 TOWERS: dict[str, type[TextTower]] = {}
+
 
 def register_tower(kind: str):
     def register(cls):
@@ -85,8 +87,10 @@ class _HFTokenizedTower(TextTower):
 
     def _load(self, model_class, name: str):
         path = resolve_model_name(name)
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-        self.model = model_class.from_pretrained(path).eval().requires_grad_(False)
+        with native_code_only(path):
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+            self.model = model_class.from_pretrained(path, trust_remote_code=False)
+        self.model.eval().requires_grad_(False)
         limits = [
             self.tokenizer.model_max_length,
             getattr(self.model.config, "max_position_embeddings", None),
@@ -160,10 +164,13 @@ class OpenCLIPTower(TextTower):
                     f"open_clip checkpoint '{config.pretrained}' is not a .safetensors file; dinobridge never "
                     "unpickles checkpoints. Convert it with safetensors.torch.save_file(state_dict, ...)"
                 )
-        model = open_clip.create_model(config.name, pretrained=pretrained)
+        # Some open_clip models use a transformers text model and tokenizer, loaded without
+        # trust_remote_code: the ones its config names are checked, and refused if they need code.
+        with native_code_only(*_open_clip_hf_names(config.name)):
+            model = open_clip.create_model(config.name, pretrained=pretrained)
+            self.tokenizer = open_clip.get_tokenizer(config.name)
         model.visual = None  # only the text tower stays in memory
         self.model = model.eval().requires_grad_(False)
-        self.tokenizer = open_clip.get_tokenizer(config.name)
         self.context_length = min(config.max_length or 10**9, model.context_length)
         # The model itself always runs at its full context (its positional embedding and causal mask have
         # that length): a shorter max_length cuts the caption, then pads it with the tokenizer's pad id,
@@ -188,3 +195,14 @@ class OpenCLIPTower(TextTower):
         longer = self.tokenizer(texts, context_length=self.context_length + 1)
         self.truncated += int((longer[:, self.context_length] != self._pad_id).sum())
         return self.model.encode_text(self._tokenize(texts).to(self.device))
+
+
+def _open_clip_hf_names(name: str) -> list[str]:
+    """The transformers models an open_clip model's text tower loads, by name (none for most)."""
+    import open_clip
+
+    try:
+        settings = (open_clip.get_model_config(name) or {}).get("text_cfg", {})
+    except (OSError, ValueError):  # a hub config that cannot be fetched: create_model says so
+        return []
+    return [n for n in {settings.get("hf_model_name"), settings.get("hf_tokenizer_name")} if n]

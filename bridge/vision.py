@@ -25,6 +25,7 @@ from torch import nn
 
 from bridge.config import ConfigError, EncoderConfig
 from bridge.fingerprint import fingerprint
+from bridge.model_files import native_code_only, refuse_custom_code
 
 if TYPE_CHECKING:
     from bridge.runtime import EncodeSettings  # only a type here; runtime imports accelerate
@@ -331,10 +332,11 @@ def _build_random(config: EncoderConfig) -> tuple[nn.Module, Preprocessing]:
 
 
 def _load_pretrained(name: str) -> tuple[nn.Module, Preprocessing]:
-    model_config = transformers.AutoConfig.from_pretrained(name)
-    model_class = _encoder_class(model_config.model_type, f"the encoder '{name}'")
-    model = model_class.from_pretrained(name, attn_implementation="sdpa")
-    return model, _checkpoint_preprocessing(name, model.config)
+    with native_code_only(name):
+        model_config = transformers.AutoConfig.from_pretrained(name, trust_remote_code=False)
+        model_class = _encoder_class(model_config.model_type, f"the encoder '{name}'")
+        model = model_class.from_pretrained(name, attn_implementation="sdpa", trust_remote_code=False)
+        return model, _checkpoint_preprocessing(name, model.config)
 
 
 def _encoder_class(model_type: str, what: str) -> type:
@@ -348,8 +350,9 @@ def _encoder_class(model_type: str, what: str) -> type:
 def _checkpoint_preprocessing(name: str, model_config) -> Preprocessing:
     """Read the checkpoint's preprocessor_config.json; fall back to ImageNet stats at its image size."""
     try:
-        processor = transformers.AutoImageProcessor.from_pretrained(name)
+        processor = transformers.AutoImageProcessor.from_pretrained(name, trust_remote_code=False)
     except (OSError, ValueError):
+        refuse_custom_code(name)  # a processor that needs custom code is refused, not replaced by defaults
         log.warning("'%s' has no preprocessor_config.json; using ImageNet mean/std", name)
         return Preprocessing(image_size=model_config.image_size, resize_shortest_edge=None)
     size, crop = getattr(processor, "size", None) or {}, getattr(processor, "crop_size", None) or {}

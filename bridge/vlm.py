@@ -7,9 +7,10 @@ VisionLLM exports to `LlavaForConditionalGeneration` with the same logits (bridg
 Visual tokens are `hidden_states[encoder.layer]` with LLaVA's selection strategy ("default" drops the
 CLS token, registers stay), or a 2x2 patch merge (4x fewer tokens, not exportable).
 
-A saved VisionLLM is a directory with `config.json`, the projector in `model.safetensors`, LoRA in
-peft's own format under `adapter/`, and `encoder/` and `llm/` only for parts built from a config (which
-exist nowhere else). Hub models are recorded by name. Nothing is unpickled.
+A saved VisionLLM is a directory with `config.json` (its kind and format version, and the settings), the
+projector in `model.safetensors`, LoRA in peft's own format under `adapter/`, and `encoder/` and `llm/`
+only for parts built from a config (which exist nowhere else). Hub models are recorded by name. Nothing
+is unpickled, and no model folder's own Python code is ever run.
 
 Not here: training (training/vlm.py), the export (llava_export.py), the offline LLM (offline_llm.py).
 """
@@ -31,7 +32,15 @@ from torch import nn
 
 from bridge.config import ConfigError, LLMConfig, LoraSettings, VisionLLMConfig, from_dict, to_dict
 from bridge.images import load_image
-from bridge.model import CONFIG_FILE, ENCODER_DIR, WEIGHTS_FILE, read_safetensors
+from bridge.model import ENCODER_DIR, WEIGHTS_FILE, load_projector_weights, read_safetensors, saved_part
+from bridge.model_files import (
+    CONFIG_FILE,
+    VISION_LLM,
+    native_code_only,
+    read_saved_config,
+    refuse_custom_code,
+    saved_header,
+)
 from bridge.offline_llm import build_offline_llm
 from bridge.projectors import build_projector
 from bridge.vision import FrozenEncoder, VisionFeatures
@@ -317,7 +326,8 @@ class VisionLLM(nn.Module):
             self.base_llm().save_pretrained(directory / LLM_DIR)
             self.tokenizer.save_pretrained(directory / LLM_DIR)
             config.llm.name = LLM_DIR
-        (directory / CONFIG_FILE).write_text(json.dumps({"vlm": to_dict(config)}, indent=2) + "\n")
+        saved = {**saved_header(VISION_LLM), "vlm": to_dict(config)}
+        (directory / CONFIG_FILE).write_text(json.dumps(saved, indent=2) + "\n")
         weights = {
             f"projector.{k}": v.detach().cpu().contiguous() for k, v in self.projector.state_dict().items()
         }
@@ -328,29 +338,31 @@ class VisionLLM(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> VisionLLM:
+        """The VisionLLM `save_pretrained` wrote to `directory`. What it cannot load (another kind of
+        model, a newer format, a damaged or mismatched file, a model needing custom code) is refused in
+        one line naming the file and the fix."""
         directory = Path(directory)
+        saved = read_saved_config(directory, VISION_LLM)
         config_file = directory / CONFIG_FILE
-        if not config_file.is_file():
-            raise FileNotFoundError(f"'{directory}' is not a saved VisionLLM: it has no {CONFIG_FILE}")
-        saved = json.loads(config_file.read_text())
-        if "vlm" not in saved:
-            raise ConfigError(f"'{directory}' holds a text bridge, not a VisionLLM; load it with TextBridge")
         config = from_dict(VisionLLMConfig, saved["vlm"], str(config_file))
-        for part, local in ((config.encoder, ENCODER_DIR), (config.llm, LLM_DIR)):
+        for part, local, what in ((config.encoder, ENCODER_DIR, "encoder"), (config.llm, LLM_DIR, "LLM")):
             if part.name == local:
-                part.name = str(directory / local)
+                part.name = saved_part(directory, local, what)
+            if part.name is not None:
+                refuse_custom_code(part.name)  # before seconds go into loading the other part
         lora, config.lora = config.lora, None
         model = cls.from_config(config)
-        model.load_projector(directory / WEIGHTS_FILE)
+        model.load_projector(directory / WEIGHTS_FILE, config_file)
         if (directory / ADAPTER_DIR).is_dir():
             model.llm = peft.PeftModel.from_pretrained(model.llm, directory / ADAPTER_DIR)
             model.config.lora = lora
         return model
 
-    def load_projector(self, path: str | Path) -> None:
-        weights = read_safetensors(path)
-        self.projector.load_state_dict(
-            {k.removeprefix("projector."): v for k, v in weights.items() if k.startswith("projector.")}
+    def load_projector(self, path: str | Path, config_file: Path | None = None) -> None:
+        """Load the projector's weights from a safetensors file; `config_file`, when they come with one, is
+        named if they do not fit the projector it describes."""
+        load_projector_weights(
+            self.projector, self.config.projector, read_safetensors(path), path, config_file
         )
 
 
@@ -359,8 +371,11 @@ def load_llm(config: LLMConfig) -> tuple[transformers.PreTrainedModel, transform
     placeholder in the vocabulary."""
     if config.name is None:
         return build_offline_llm(config)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(config.name)
-    llm = transformers.AutoModelForCausalLM.from_pretrained(config.name, dtype=torch.float32)
+    with native_code_only(config.name):
+        tokenizer = transformers.AutoTokenizer.from_pretrained(config.name, trust_remote_code=False)
+        llm = transformers.AutoModelForCausalLM.from_pretrained(
+            config.name, dtype=torch.float32, trust_remote_code=False
+        )
     if config.image_token not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [config.image_token]})
     if tokenizer.pad_token is None:
