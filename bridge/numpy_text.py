@@ -29,9 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bridge.config import BridgeConfig, TextConfig, from_dict, resolve_model_name
-
-CONFIG_FILE = "config.json"  # a saved bridge's settings and fingerprint, as model.py writes them
+from bridge.config import BridgeConfig, ConfigError, TextConfig, from_dict, resolve_model_name
+from bridge.model_files import CONFIG_FILE, TEXT_BRIDGE, read_saved_config, refuse_custom_code
 
 log = logging.getLogger(__name__)
 
@@ -66,15 +65,13 @@ class TextQueryEncoder:
     def from_pretrained(cls, directory: str | Path) -> TextQueryEncoder | None:
         """The saved bridge's text side, or None when its tower has no NumPy twin or the bridge predates
         saved fingerprints: use TextBridge.from_pretrained then."""
-        config_file = Path(directory) / CONFIG_FILE
-        if not config_file.is_file():
-            return None  # TextBridge.from_pretrained explains what is missing
         try:
-            saved = json.loads(config_file.read_text())
-        except (ValueError, OSError):
-            return None  # TextBridge.from_pretrained names the damage
-        if not isinstance(saved, dict) or not saved.get("fingerprint") or "bridge" not in saved:
+            saved = read_saved_config(directory, TEXT_BRIDGE)
+        except (ConfigError, OSError):
+            return None  # TextBridge.from_pretrained says what is wrong with the folder
+        if not saved.get("fingerprint"):
             return None
+        config_file = Path(directory) / CONFIG_FILE
         tower = numpy_tower(from_dict(BridgeConfig, saved["bridge"], str(config_file)).text)
         return None if tower is None else cls(tower, saved["fingerprint"])
 
@@ -94,6 +91,10 @@ def numpy_tower(config: TextConfig) -> NumpyTower | None:
     if config.kind not in ("hf-encoder", "hf-clip"):
         return _unsupported(config, f"kind '{config.kind}'")
     folder = Path(resolve_model_name(config.name))
+    try:
+        refuse_custom_code(str(folder))
+    except ConfigError as error:  # the torch tower refuses it too, and says why
+        return _unsupported(config, str(error))
     files = {name: folder / name for name in ("config.json", "tokenizer.json", "model.safetensors")}
     missing = [name for name, path in files.items() if not path.is_file()]
     if missing:
