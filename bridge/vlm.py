@@ -43,6 +43,7 @@ from bridge.model_files import (
 )
 from bridge.offline_llm import build_offline_llm
 from bridge.projectors import build_projector
+from bridge.queries import check_texts
 from bridge.vision import FrozenEncoder, VisionFeatures
 
 log = logging.getLogger(__name__)
@@ -307,6 +308,7 @@ class VisionLLM(nn.Module):
 
     def chat(self, question: str, images: Sequence[ImageLike] = (), max_new_tokens: int = 32) -> str:
         """One user turn about `images` (placeholders put before the question) -> the reply."""
+        (question,) = check_texts([question], "question", '"What is in the image?"')
         return self.generate(self.chat_prompt(question, len(images)), list(images), max_new_tokens)
 
     # ---- save / load --------------------------------------------------------------------------------------
