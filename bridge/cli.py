@@ -54,10 +54,17 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("retrieval", "grounding"),
         help="retrieval (default): text<->image recall; grounding: segmentation mIoU and the pointing game",
     )
-    demo.add_argument("--out", help="output directory (default: demo-out, or demo-out/grounding)")
-    demo.add_argument("--scenes", type=int, default=12_000, help="synthetic training scenes (default: 12000)")
     demo.add_argument(
-        "--eval-scenes", type=int, default=200, help="grounding: held-out scenes segmented (default: 200)"
+        "--out", type=output_directory, help="output directory (default: demo-out, or demo-out/grounding)"
+    )
+    demo.add_argument(
+        "--scenes", type=positive_int, default=12_000, help="synthetic training scenes (default: 12000)"
+    )
+    demo.add_argument(
+        "--eval-scenes",
+        type=positive_int,
+        default=200,
+        help="grounding: held-out scenes segmented (default: 200)",
     )
     demo.set_defaults(handler=_demo)
 
@@ -67,9 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", required=True, help="pairs.jsonl, pairs.csv, COCO captions .json or synthetic:N"
     )
     train.add_argument("--image-root", help="folder image paths are relative to (default: the data file's)")
-    train.add_argument("--out", required=True, help="directory for the bridge, checkpoints and logs")
+    train.add_argument(
+        "--out", type=output_directory, required=True, help="directory for the bridge, checkpoints and logs"
+    )
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    train.add_argument("--steps", type=int, help="override train.steps")
+    train.add_argument("--steps", type=positive_int, help="override train.steps")
     train.set_defaults(handler=_train)
 
     evaluate = commands.add_parser("eval", help="evaluate a saved bridge")
@@ -101,15 +110,21 @@ def build_parser() -> argparse.ArgumentParser:
     ground.add_argument(
         "--model", default=GROUNDING_BRIDGE, help=f"a saved bridge (default: {GROUNDING_BRIDGE})"
     )
-    ground.add_argument("--out", help="write the heatmaps over the image to this PNG, one panel per text")
-    ground.add_argument("--scale", type=int, help="short side in pixels to map at (default: one window)")
+    ground.add_argument(
+        "--out", type=output_image, help="write the heatmaps over the image to this PNG, one panel per text"
+    )
+    ground.add_argument(
+        "--scale", type=positive_int, help="short side in pixels to map at (default: one window)"
+    )
     _add_map_options(ground)
     ground.set_defaults(handler=_ground)
 
     segment = commands.add_parser("segment", help="label every pixel with one of the named classes")
     segment.add_argument("image", help="an image file")
     segment.add_argument("--classes", required=True, help='comma-separated class names, e.g. "cat,dog,sofa"')
-    segment.add_argument("--out", required=True, help="the segmentation over the image, with a legend (PNG)")
+    segment.add_argument(
+        "--out", type=output_image, required=True, help="the segmentation over the image, with a legend (PNG)"
+    )
     segment.add_argument(
         "--model", default=GROUNDING_BRIDGE, help=f"a saved bridge (default: {GROUNDING_BRIDGE})"
     )
@@ -119,9 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
     index = commands.add_parser("index", help="index a folder of images (again: only new or changed files)")
     index.add_argument("folder", help="folder walked recursively for images")
     index.add_argument("--model", required=True, help="a saved bridge directory")
-    index.add_argument("--out", required=True, help="the index directory")
-    index.add_argument("--workers", type=int, help="decoding processes (default: one per core, less one)")
-    index.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the GPU if there is one)")
+    index.add_argument("--out", type=output_directory, required=True, help="the index directory")
+    index.add_argument(
+        "--workers",
+        type=non_negative_int,
+        help="decoding processes (default: one per core, less one; 0: decode in this process)",
+    )
+    index.add_argument(
+        "--device", type=device_name, help="cpu, cuda, cuda:1, ... (default: the GPU if there is one)"
+    )
     index.add_argument(
         "--precision",
         choices=["auto", "fp32", "bf16", "fp16"],
@@ -129,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="encoder precision (default: bf16 on a GPU, fp32 on a CPU)",
     )
     index.add_argument(
-        "--batch-size", type=int, help="images a forward pass (default: 256 on a GPU, 32 on a CPU)"
+        "--batch-size", type=positive_int, help="images a forward pass (default: 256 on a GPU, 32 on a CPU)"
     )
     index.add_argument(
         "--compile", action="store_true", help="torch.compile the encoder (large folders, GPU)"
@@ -141,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("texts", nargs="*", help="text queries, added together")
     search.add_argument("--minus", action="append", default=[], help="text to steer away from (repeatable)")
     search.add_argument("--image", action="append", default=[], help="query image (repeatable)")
-    search.add_argument("-k", type=int, default=10, help="results to show (default: 10)")
+    search.add_argument("-k", type=positive_int, default=10, help="results to show (default: 10)")
     search.add_argument("--model", help="bridge directory (default: the one the index was built with)")
     search.add_argument("--json", action="store_true", help="print a JSON list of {path, score}")
     search.set_defaults(handler=_search)
@@ -154,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine)"
     )
-    serve.add_argument("--port", type=non_negative_int, default=8000, help="port (default: 8000)")
+    serve.add_argument("--port", type=port_number, default=8000, help="port (default: 8000)")
     serve.add_argument(
         "--token",
         nargs="?",
@@ -170,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_grounding_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threshold",
-        type=float,
+        type=cosine,
         help="cosine below which a pixel is background (default: bridge.grounding.DEFAULT_THRESHOLD)",
     )
     _add_map_options(parser)
@@ -178,11 +199,72 @@ def _add_grounding_options(parser: argparse.ArgumentParser) -> None:
 
 def _add_map_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--shifts", type=int, default=2, help="sub-patch shifts per axis (default: 2; 1: off)"
+        "--shifts", type=positive_int, default=2, help="sub-patch shifts per axis (default: 2; 1: off)"
     )
     parser.add_argument(
-        "--refine", type=int, default=10, help="colour refinement steps (default: 10; 0: off)"
+        "--refine", type=non_negative_int, default=10, help="colour refinement steps (default: 10; 0: off)"
     )
+
+
+# Argument types: a bad value is refused by argparse, naming the option, before any model loads.
+
+
+def _whole_number(least: int, wanted: str, most: float = float("inf")):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = least - 1
+        if not least <= value <= most:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {wanted}")
+        return value
+
+    return parse
+
+
+positive_int = _whole_number(1, "a whole number of at least 1")
+non_negative_int = _whole_number(0, "a whole number of at least 0")
+port_number = _whole_number(0, "a port number from 0 to 65535", most=65535)
+
+
+def cosine(text: str) -> float:
+    """A cosine similarity: a number in [-1, 1] (NaN fails the comparison, so it is refused too)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not -1 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a cosine; give a number from -1 to 1")
+    return value
+
+
+def device_name(text: str) -> str:
+    """cpu, cuda, cuda:N or mps, checked here so that parsing never imports torch."""
+    kind, _, number = text.partition(":")
+    if not (text in ("cpu", "cuda", "mps") or (kind == "cuda" and number.isdigit())):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a device; give cpu, cuda, cuda:N (N: the GPU's number) or mps"
+        )
+    return text
+
+
+def output_directory(text: str) -> str:
+    """An output directory, new or existing, but not a file: a run must never write over one."""
+    if Path(text).exists() and not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"'{text}' is an existing file; give a directory, new or existing")
+    return text
+
+
+def output_image(text: str) -> str:
+    """An output image: not an existing directory, and in a folder that exists."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"'{text}' is a directory; give an image file name, e.g. out.png")
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(
+            f"folder '{path.parent}' of '{text}' does not exist; create it first"
+        )
+    return text
 
 
 def _threshold(args) -> float:
@@ -456,10 +538,15 @@ def _add_llm_route_commands(commands) -> None:
     train.add_argument("--config", help="YAML VLM config (default: the offline default)")
     train.add_argument("--data", required=True, help="LLaVA conversation .json, caption data or synthetic:N")
     train.add_argument("--image-root", help="folder image paths are relative to (default: the data file's)")
-    train.add_argument("--out", required=True, help="directory for the VisionLLM, checkpoints and logs")
+    train.add_argument(
+        "--out",
+        type=output_directory,
+        required=True,
+        help="directory for the VisionLLM, checkpoints and logs",
+    )
     train.add_argument("--base", help="a saved VisionLLM to start from (e.g. the stage 1 result)")
     train.add_argument("--stage", type=int, choices=(0, 1, 2), help="override train.stage")
-    train.add_argument("--steps", type=int, help="override train.steps")
+    train.add_argument("--steps", type=positive_int, help="override train.steps")
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     train.set_defaults(handler=_train_vlm)
 
@@ -467,16 +554,27 @@ def _add_llm_route_commands(commands) -> None:
     chat.add_argument("question")
     chat.add_argument("--model", required=True, help="a saved VisionLLM directory")
     chat.add_argument("--image", action="append", default=[], help="image file (repeatable, in order)")
-    chat.add_argument("--max-new-tokens", type=int, default=64)
+    chat.add_argument(
+        "--max-new-tokens", type=positive_int, default=64, help="longest reply in tokens (default: 64)"
+    )
     chat.set_defaults(handler=_chat)
 
     export = commands.add_parser("export-llava", help="write a VisionLLM as a transformers LLaVA checkpoint")
     export.add_argument("model", help="a saved VisionLLM directory")
-    export.add_argument("out", help="output directory for LlavaForConditionalGeneration + its processor")
+    export.add_argument(
+        "out",
+        type=output_directory,
+        help="output directory for LlavaForConditionalGeneration + its processor",
+    )
     export.set_defaults(handler=_export_llava)
 
     demo = commands.add_parser("demo-vlm", help="the LLM route end to end on the offline default")
-    demo.add_argument("--out", default="demo-vlm-out", help="output directory (default: demo-vlm-out)")
+    demo.add_argument(
+        "--out",
+        type=output_directory,
+        default="demo-vlm-out",
+        help="output directory (default: demo-vlm-out)",
+    )
     demo.set_defaults(handler=_demo_vlm)
 
 
