@@ -8,8 +8,9 @@ synthetic scenes and indexes them for real (their files are what "more like this
 random unit vectors for made-up paths until the index holds --images rows: search costs the same whatever
 the vectors are. Then, twice, it starts `bridge.serve.serve` in a child process on 127.0.0.1 and a free
 port, with one torch thread (the serving default) and with torch's default (one per core), and runs 8
-client threads with keep-alive connections: every fifth request is "more like this" on a real scene, the
-others text queries from the scenes' captions. A run stops after --requests or --seconds, whichever comes
+client threads with keep-alive connections: of every five requests, two are new texts (a caption with
+the request's number: embedded by the server), two are texts asked before (20 captions, as paging and
+returning to a query ask again: remembered), one is "more like this" on a real scene. A run stops after --requests or --seconds, whichever comes
 first, and the server is stopped with SIGINT (killed if it does not stop). Nothing listens beyond loopback.
 
 Printed per run: p50 / p95 / p99 latency of each kind (as the clients see it, HTTP included), requests a
@@ -127,7 +128,7 @@ def stop(server: subprocess.Popen) -> None:
 
 def load(port: int, server_pid: int, captions: list[str], like_ids: list[str], requests: int, seconds: float):
     """Run CLIENTS threads until `requests` are sent or `seconds` pass; (latencies by kind, errors, memory)."""
-    latencies: dict[str, list[float]] = {"text": [], "like": []}
+    latencies: dict[str, list[float]] = {"new text": [], "seen text": [], "like": []}
     errors: list[str] = []
     memory: dict[str, float] = {}
     counter, lock, deadline = [0], threading.Lock(), time.monotonic() + seconds
@@ -141,8 +142,12 @@ def load(port: int, server_pid: int, captions: list[str], like_ids: list[str], r
                 counter[0] += 1
             if number >= requests:
                 return
-            kind = "like" if number % 5 == 4 else "text"
-            query = {"like": rng.choice(like_ids)} if kind == "like" else {"q": rng.choice(captions)}
+            kind = ("new text", "new text", "seen text", "seen text", "like")[number % 5]
+            if kind == "like":
+                query = {"like": rng.choice(like_ids)}
+            else:
+                caption = rng.choice(captions[:20]) if kind == "seen text" else rng.choice(captions)
+                query = {"q": caption if kind == "seen text" else f"{caption} number {number}"}
             url = f"/api/search?{urllib.parse.urlencode({**query, 'k': 24})}"
             started = time.perf_counter()
             try:
@@ -157,7 +162,7 @@ def load(port: int, server_pid: int, captions: list[str], like_ids: list[str], r
                 continue
             with lock:
                 latencies[kind].append(time.perf_counter() - started)
-                done = len(latencies["text"]) + len(latencies["like"])
+                done = sum(len(values) for values in latencies.values())
                 if done == 1000:
                     memory["after 1,000"] = resident_mb(server_pid)
 
@@ -201,21 +206,22 @@ def main() -> None:
                 )
             finally:
                 stop(server)
-            count = len(latencies["text"]) + len(latencies["like"])
-            text_p50[threads] = statistics.median(latencies["text"]) if latencies["text"] else float("nan")
+            count = sum(len(values) for values in latencies.values())
+            new = latencies["new text"]
+            text_p50[threads] = statistics.median(new) if new else float("nan")
             growth = memory["after the last"] / memory.get("after 1,000", float("nan")) - 1
             print(
                 f"\n{name}: {count:,} requests in {wall:.1f} s ({count / wall:.0f}/s), {len(errors)} errors"
             )
-            print(f"  text queries   {percentiles(latencies['text'])}")
-            print(f"  more like this {percentiles(latencies['like'])}")
+            for kind, values in latencies.items():
+                print(f"  {kind:<14} {percentiles(values)}")
             print(
                 f"  server memory  {memory.get('after 1,000', float('nan')):.0f} MB after 1,000 requests, "
                 f"{memory['after the last']:.0f} MB after the last ({growth:+.1%})"
             )
             for error in errors[:5]:
                 print(f"  error: {error}")
-        print(f"\ntext p50, torch's default threads / one thread: {text_p50[0] / text_p50[1]:.2f}x")
+        print(f"\nnew text p50, torch's default threads / one thread: {text_p50[0] / text_p50[1]:.2f}x")
 
 
 if __name__ == "__main__":

@@ -234,11 +234,8 @@ def create_app(
     queries = RememberedTexts(bridge, twin)
     live = LiveIndex(index_dir, queries)
     queries.encode_texts(["a photo"])  # the tower's first call costs ~0.2 s more than the next: not a user's
-    thumbnails = (
-        Path(thumbnail_dir)
-        if thumbnail_dir
-        else index_dir.resolve().with_name(index_dir.name + ".thumbnails")
-    )
+    resolved = index_dir.resolve()  # "." has no name of its own
+    thumbnails = Path(thumbnail_dir) if thumbnail_dir else resolved.with_name(resolved.name + ".thumbnails")
     # The torch tower's tokenizer (its settings are set on every call) and the encoder are not safe to share
     # between threads; the NumPy twin is: it only reads its weights and its tokenizer.
     model_lock = threading.Lock()

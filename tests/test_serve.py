@@ -357,8 +357,9 @@ def test_binding_beyond_loopback_needs_a_token(
     _, index, _ = served
     assert dinobridge(["serve", str(index.directory), "--host", "192.168.1.5"]) == 2
     assert "give a token (--token, or the environment variable DINOBRIDGE_TOKEN)" in capsys.readouterr().err
-    assert dinobridge(["serve", str(index.directory), "--port", "70000"]) == 2
-    assert "--port 70000 is not a port" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="2"):
+        dinobridge(["serve", str(index.directory), "--port", "70000"])
+    assert "argument --port: '70000' is not a port number from 0 to 65535" in capsys.readouterr().err
 
 
 # --- an index updated under the running app -------------------------------------------------------------

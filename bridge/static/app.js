@@ -45,7 +45,7 @@ function hasQuery() {
 
 async function search({ push = true } = {}) {
   showChips();
-  if (push) history.pushState(null, "", toUrl());
+  if (push && toUrl() !== location.pathname + location.search) history.pushState(null, "", toUrl());
   if (!hasQuery()) {
     render(null);
     return;
