@@ -17,6 +17,16 @@ from pathlib import Path
 from bridge import __version__
 from bridge.config import ConfigError, RunConfig, load_config
 
+IMAGE_SUFFIXES = (
+    ".png",
+    ".jpg",
+    ".jpeg",
+    ".webp",
+    ".bmp",
+    ".tif",
+    ".tiff",
+    ".gif",
+)  # what --out maps are saved as
 GROUNDING_BRIDGE = "demo-out/grounding/bridge"  # where `dinobridge demo grounding` saves its bridge
 
 
@@ -263,6 +273,10 @@ def output_image(text: str) -> str:
     if not path.parent.is_dir():
         raise argparse.ArgumentTypeError(
             f"folder '{path.parent}' of '{text}' does not exist; create it first"
+        )
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise argparse.ArgumentTypeError(
+            f"'{text}' does not end in an image file type PIL writes; give e.g. {path.stem or 'out'}.png"
         )
     return text
 

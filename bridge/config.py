@@ -128,8 +128,8 @@ def checked(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MI
 
 # What torch, numpy and random all take as a seed.
 SEED = {"at_least": 0, "at_most": 2**32 - 1}
-# The names other modules look up; a test holds them equal to training/losses.py's LOSSES and
-# bridge/vlm.py's SELECT_STRATEGIES, which import torch and so cannot be read here.
+# The names other modules look up; a test holds LOSS_NAMES equal to training/losses.py's LOSSES, which
+# imports torch and so cannot be read here. bridge/vlm.py uses SELECT_STRATEGIES from here.
 LOSS_NAMES = ("infonce", "siglip")
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
 SELECT_STRATEGIES = ("default", "full")

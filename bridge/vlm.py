@@ -30,7 +30,15 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
-from bridge.config import ConfigError, LLMConfig, LoraSettings, VisionLLMConfig, from_dict, to_dict
+from bridge.config import (
+    SELECT_STRATEGIES,
+    ConfigError,
+    LLMConfig,
+    LoraSettings,
+    VisionLLMConfig,
+    from_dict,
+    to_dict,
+)
 from bridge.images import load_image
 from bridge.model import ENCODER_DIR, WEIGHTS_FILE, load_projector_weights, read_safetensors, saved_part
 from bridge.model_files import (
@@ -50,7 +58,6 @@ log = logging.getLogger(__name__)
 
 LLM_DIR = "llm"  # where an LLM built from a config (and so existing nowhere else) is saved
 ADAPTER_DIR = "adapter"  # LoRA adapters in peft's format
-SELECT_STRATEGIES = ("default", "full")
 
 # An image as a user gives it: a PIL image or a file path (read by the project's one robust loader).
 ImageLike = Image.Image | str | Path

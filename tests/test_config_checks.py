@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 from bridge.cli import main
 from bridge.config import (
     LOSS_NAMES,
-    SELECT_STRATEGIES,
     Allowed,
     BridgeConfig,
     ConfigError,
@@ -213,7 +212,6 @@ def _literal_names(path: Path, name: str) -> tuple:
 
 def test_the_names_the_loader_allows_are_the_ones_the_code_looks_up():
     assert LOSS_NAMES == _literal_names(ROOT / "training" / "losses.py", "LOSSES")
-    assert SELECT_STRATEGIES == _literal_names(ROOT / "bridge" / "vlm.py", "SELECT_STRATEGIES")
 
 
 # --- files ---------------------------------------------------------------------------------------------
