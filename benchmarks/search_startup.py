@@ -49,7 +49,9 @@ def run(command: list[str], source: Path) -> tuple[float, str]:
     """Run `command` with `source` first on the import path; (wall seconds, stderr). Fails loudly."""
     env = {**os.environ, "PYTHONPATH": str(source)}
     started = time.perf_counter()
-    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    # Run from `source` too: `python -m` and `-c` put the working directory first on the path, so from
+    # anywhere else a `bridge/` folder there (this checkout's) would be imported instead of `source`'s.
+    result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=source)
     seconds = time.perf_counter() - started
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
