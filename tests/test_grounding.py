@@ -192,9 +192,9 @@ def saved_tiny_bridge(tmp_path_factory, tiny_bridge):
 def test_eval_segmentation_command_on_a_voc_layout_folder(tmp_path, saved_tiny_bridge, capsys):
     write_segmentation_folder(tmp_path / "voc", SyntheticWorld(seed=2, image_size=56).scenes(0, 3))
     args = ["eval", "segmentation", "--model", str(saved_tiny_bridge), "--data", str(tmp_path / "voc")]
-    assert main([*args, "--json", "--threshold", "2"]) == 0
+    assert main([*args, "--json", "--threshold", "1"]) == 0  # no cosine lies above 1: all background
     metrics = json.loads(capsys.readouterr().out)
-    assert metrics["images"] == 3 and metrics["classes"] == 25 and metrics["threshold"] == 2.0
+    assert metrics["images"] == 3 and metrics["classes"] == 25 and metrics["threshold"] == 1.0
     assert metrics["mIoU_no_background"] == 0.0 and 0 < metrics["mIoU"] <= 1
     assert main(args) == 0
     out = capsys.readouterr().out
