@@ -73,6 +73,7 @@ class ImageIndex:
         self._bridge = None
         self._backends: dict[tuple[str, str], SearchBackend] = {}  # (back-end, space) -> built
         self._backends_generation = store.generation  # the store's state they were built from
+        self._rows: tuple[int, dict[str, int]] | None = None  # (generation, relative path -> row), for like=
         if bridge is not None:
             self._use_bridge(bridge)
 
@@ -185,19 +186,25 @@ class ImageIndex:
         minus: str | Sequence[str] | None = None,
         k: int = 10,
         backend: str = "auto",
+        like: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     ) -> list[tuple[str, float]]:
         """The k best (path, cosine score), best first.
 
         `image` alone searches DINOv2's CLS space: image-to-image similarity, where DINOv2 is strong.
         Anything with text searches the bridge's text space, with the sum of the normalised query vectors,
         +1 for each `text` and `image`, -1 for each `minus` ("a beach" minus "people"), renormalised, as
-        rclip does. `backend`: a name in search.BACKENDS ("exact", "faiss") or "auto" (exact up to
-        search.EXACT_UP_TO images).
+        rclip does. `like`: images already in the index (paths, absolute or relative to `root`), each
+        counted as an `image` but with its stored embeddings, so nothing is decoded or encoded ("more like
+        this"; the file need not exist any more). `backend`: a name in search.BACKENDS ("exact", "faiss")
+        or "auto" (exact up to search.EXACT_UP_TO images).
         """
         bridge = self._use_bridge(None)
         texts, images, minus = _as_list(text), _as_list(image), _as_list(minus)
-        if not texts and not images:
-            raise ValueError("search needs text=... or image=...; minus=... alone says what to avoid")
+        rows = [self._row_of(path) for path in _as_list(like)]
+        if not texts and not images and not rows:
+            raise ValueError(
+                "search needs text=..., image=... or like=...; minus=... alone says what to avoid"
+            )
         texts = check_texts(texts) if texts else []
         minus = check_texts(minus, "minus text", '"people"') if minus else []
         if images and not hasattr(bridge, "encoder"):
@@ -205,15 +212,38 @@ class ImageIndex:
                 "an image query needs the whole bridge, with its image encoder: load the index with "
                 "TextBridge.from_pretrained(...), not a TextQueryEncoder"
             )
-        if images:  # each image gives its bridge embedding and its DINOv2 CLS token, both normalised
+        bridged, cls = [], []  # per query image: its bridge embedding and its DINOv2 CLS token, normalised
+        if images:
             pixels = bridge.encoder.preprocessing([load_image(i) for i in images]).to(bridge.encoder.device)
-            bridged, cls = (v.astype(np.float32).sum(0) for v in embed_images(bridge, pixels))
+            text_space, image_space = embed_images(bridge, pixels)
+            bridged, cls = list(text_space.astype(np.float32)), list(image_space.astype(np.float32))
+        for row in rows:
+            bridged.append(self.store.view("text")[row].astype(np.float32))
+            cls.append(self.store.view("image")[row].astype(np.float32))
         if not texts and not minus:
-            return self._nearest("image", _normalize(cls), k, backend)
+            return self._nearest("image", _normalize(np.sum(cls, axis=0)), k, backend)
         parts = [bridge.encode_texts(texts).sum(0)] if texts else []
-        parts += [bridged] if images else []
+        parts += bridged
         parts += [-bridge.encode_texts(minus).sum(0)] if minus else []
         return self._nearest("text", _normalize(np.sum(parts, axis=0)), k, backend)
+
+    def _row_of(self, path: str | os.PathLike) -> int:
+        """The row of an indexed image, by its path (absolute, or relative to `root`)."""
+        relative = Path(path)
+        if relative.is_absolute():
+            try:
+                relative = relative.relative_to(self.root)
+            except ValueError:
+                raise ValueError(f"'{path}' is not under the indexed folder '{self.root}'") from None
+        if self._rows is None or self._rows[0] != self.store.generation:
+            self._rows = (self.store.generation, {p: row for row, p in enumerate(self.paths)})
+        row = self._rows[1].get(relative.as_posix())
+        if row is None:
+            raise ValueError(
+                f"'{path}' is not in index '{self.directory}'; like=... takes an indexed image (search by a "
+                "file that is not indexed with image=...)"
+            )
+        return row
 
     def _nearest(self, space: str, query: np.ndarray, k: int, backend: str) -> list[tuple[str, float]]:
         backend = choose_backend(backend, len(self))

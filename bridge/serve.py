@@ -337,25 +337,19 @@ def create_app(
             raise HTTPException(
                 422, f"offset + k = {offset + k} is over the limit of {limits.results}; refine the query"
             )
-        snapshot, relative = live.get(), None
-        images: list = []
-        if like:
-            relative, path = snapshot_image(snapshot, like)
-            images.append(path)
-        if upload is not None:
-            images.append(upload)
-        if not texts and not images:
+        snapshot = live.get()
+        # An indexed image is searched by its stored embeddings: nothing decoded, no model, no lock.
+        indexed = [snapshot_image(snapshot, like)[0]] if like else []
+        images = [upload] if upload is not None else []
+        if not texts and not images and not indexed:
             raise HTTPException(
                 422,
                 "give a text (q=...), an indexed image (like=<id>) or an uploaded image; minus alone "
                 "says only what to avoid",
             )
         begun = time.perf_counter()
-        try:
-            with model_lock if images or queries.twin is None else contextlib.nullcontext():
-                found = snapshot.index.search(text=texts, image=images, minus=minus, k=offset + k)
-        except ImageLoadError as error:  # the file of `like` went missing after it was indexed
-            raise missing(like, relative, error) from error
+        with model_lock if images or ((texts or minus) and queries.twin is None) else contextlib.nullcontext():
+            found = snapshot.index.search(text=texts, image=images, minus=minus, like=indexed, k=offset + k)
         seconds = time.perf_counter() - begun
         root, page = snapshot.index.root, found[offset : offset + k]
         results = []

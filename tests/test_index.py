@@ -362,8 +362,28 @@ def test_text_minus_and_image_queries_follow_their_definitions(photo_index: Imag
     # Text and image together search the text space, with the image's bridge embedding.
     both = photo_index.search(text="a red square", image=root / path, k=3)
     assert best in [p for p, _ in both]
-    with pytest.raises(ValueError, match="search needs text=... or image=..."):
+    with pytest.raises(ValueError, match=r"search needs text=\.\.\., image=\.\.\. or like=\.\.\."):
         photo_index.search(minus="people")
+
+
+def test_like_searches_with_the_stored_embeddings_of_an_indexed_image(photo_index: ImageIndex) -> None:
+    root, path = photo_index.root, photo_index.paths[7]
+    image = photo_index.store.view("image").astype(np.float32)
+    by_file = photo_index.search(image=root / path, k=5)
+    for like in (path, root / path):  # relative to the folder, or absolute
+        by_row = photo_index.search(like=like, k=5)
+        assert [p for p, _ in by_row] == [p for p, _ in by_file]
+        expected = image @ (image[7] / np.linalg.norm(image[7]))
+        np.testing.assert_allclose([s for _, s in by_row], np.sort(expected)[::-1][:5], atol=1e-5)
+    # With text, its stored bridge embedding counts as an image's would.
+    with_text = photo_index.search(text="a red square", like=path, k=5)
+    assert [p for p, _ in with_text] == [
+        p for p, _ in photo_index.search(text="a red square", image=root / path, k=5)
+    ]
+    with pytest.raises(ValueError, match=r"'elsewhere\.png' is not in index"):
+        photo_index.search(like="elsewhere.png")
+    with pytest.raises(ValueError, match="is not under the indexed folder"):
+        photo_index.search(like="/somewhere/else.png")
 
 
 def test_exact_and_faiss_back_ends_agree(photo_index: ImageIndex) -> None:

@@ -92,15 +92,16 @@ def test_more_like_this_searches_dinov2_space_from_an_indexed_image(served) -> N
     client, index, folder = served
     name = "trips/photo003.png"
     body = client.get("/api/search", params={"like": image_id(name), "k": 4}).json()
-    expected = index.search(image=folder / name, k=4)
+    expected = index.search(like=name, k=4)  # its stored embeddings: no decoding, no model
     assert [hit["path"] for hit in body["results"]] == relative(index, expected) and expected
+    assert relative(index, expected) == relative(index, index.search(image=folder / name, k=4))
     assert body["results"][0]["path"] == name and body["results"][0]["score"] == pytest.approx(1, abs=2e-3)
     assert body["space"] == "image" and "heatmap" not in body["results"][0]  # no text to show
 
     combined = client.get("/api/search", params={"like": image_id(name), "q": "blue", "k": 4}).json()
     assert combined["space"] == "text"
     assert [h["path"] for h in combined["results"]] == relative(
-        index, index.search(text="blue", image=folder / name, k=4)
+        index, index.search(text="blue", like=name, k=4)
     )
 
 
@@ -310,8 +311,9 @@ def test_a_missing_original_is_a_404_and_the_server_keeps_serving(tmp_path: Path
         response = client.get(f"/api/images/{image_id(gone)}/{what}")
         assert response.status_code == 404 and response.json()["detail"].startswith(reason), response.text
         assert "run dinobridge index again" in response.json()["detail"]
-    like = client.get("/api/search", params={"like": image_id(gone)})
-    assert like.status_code == 404 and like.json()["detail"].startswith(reason)
+    # More like it still works: an indexed image is searched by its stored embeddings, not its file.
+    like = client.get("/api/search", params={"like": image_id(gone), "k": 1})
+    assert like.status_code == 200 and like.json()["results"][0]["path"] == gone
     assert client.get("/api/search", params={"q": "red", "k": 4}).status_code == 200
     assert (
         client.get(f"/api/images/{image_id(names[1])}/original").content == (folder / names[1]).read_bytes()
