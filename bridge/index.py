@@ -2,7 +2,8 @@
 
 `ImageIndex` is what users hold: it builds, updates, loads and saves an index, and composes queries
 (text + image - minus) into one vector for a search back-end. Opening and searching an index import
-neither the decoding workers nor FAISS; only `update` needs the first, only large indexes the second.
+neither the decoding workers nor FAISS (only `update` needs the first, only large indexes the second),
+nor torch when the queries are texts embedded by a `TextQueryEncoder` (numpy_text.py).
 
 Not here: the files and how a commit is made atomic (index_files.py), the update pipeline
 (index_update.py), the search back-ends (search.py), argument parsing and printing (cli.py), image
