@@ -348,7 +348,9 @@ def create_app(
                 "says only what to avoid",
             )
         begun = time.perf_counter()
-        with model_lock if images or ((texts or minus) and queries.twin is None) else contextlib.nullcontext():
+        with (
+            model_lock if images or ((texts or minus) and queries.twin is None) else contextlib.nullcontext()
+        ):
             found = snapshot.index.search(text=texts, image=images, minus=minus, like=indexed, k=offset + k)
         seconds = time.perf_counter() - begun
         root, page = snapshot.index.root, found[offset : offset + k]
