@@ -213,18 +213,18 @@ class ImageIndex:
                 "an image query needs the whole bridge, with its image encoder: load the index with "
                 "TextBridge.from_pretrained(...), not a TextQueryEncoder"
             )
-        bridged, cls = [], []  # per query image: its bridge embedding and its DINOv2 CLS token, normalised
+        space = "text" if texts or minus else "image"  # images alone: DINOv2's own CLS space
+        vectors = []  # per query image, its normalised embedding in `space`
         if images:
             pixels = bridge.encoder.preprocessing([load_image(i) for i in images]).to(bridge.encoder.device)
             text_space, image_space = embed_images(bridge, pixels)
-            bridged, cls = list(text_space.astype(np.float32)), list(image_space.astype(np.float32))
-        for row in rows:
-            bridged.append(self.store.view("text")[row].astype(np.float32))
-            cls.append(self.store.view("image")[row].astype(np.float32))
-        if not texts and not minus:
-            return self._nearest("image", _normalize(np.sum(cls, axis=0)), k, backend)
+            vectors = list((text_space if space == "text" else image_space).astype(np.float32))
+        # An indexed image's stored row of that space alone: the other space is never read or verified.
+        vectors += [self.store.view(space)[row].astype(np.float32) for row in rows]
+        if space == "image":
+            return self._nearest("image", _normalize(np.sum(vectors, axis=0)), k, backend)
         parts = [bridge.encode_texts(texts).sum(0)] if texts else []
-        parts += bridged
+        parts += vectors
         parts += [-bridge.encode_texts(minus).sum(0)] if minus else []
         return self._nearest("text", _normalize(np.sum(parts, axis=0)), k, backend)
 
