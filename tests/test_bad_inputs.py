@@ -86,6 +86,29 @@ def train(w: World, data: str, *extra: str) -> list[str]:
     return [*TRAIN, "--data", data, "--out", str(w.scratch / "run"), *extra]
 
 
+def index(w: World, *extra: str) -> list[str]:
+    """`dinobridge index` of the world's photos with its bridge into a fresh --out, and `extra`."""
+    return ["index", str(w.photos), "--model", str(w.bridge), "--out", str(w.scratch / "i"), *extra]
+
+
+def segment(w: World, classes: str, *extra: str) -> list[str]:
+    return [
+        "segment",
+        str(w.photo),
+        "--classes",
+        classes,
+        "--model",
+        str(w.bridge),
+        "--out",
+        str(w.scratch / "s.png"),
+        *extra,
+    ]
+
+
+def train_vlm(w: World, data: str, *extra: str) -> list[str]:
+    return ["train-vlm", "--data", data, "--out", str(w.scratch / "v"), *extra]
+
+
 def pairs(w: World, text: str | bytes, name: str = "pairs.jsonl") -> str:
     """A data file beside a real photo named photo.png, so only the file's own fault can fail it."""
     shutil.copy(w.photo, w.scratch / "photo.png")
@@ -382,86 +405,32 @@ ROWS: list[Row] = [
     ),
     (
         "index-batch-negative",
-        lambda w: [
-            "index",
-            str(w.photos),
-            "--model",
-            str(w.bridge),
-            "--out",
-            str(w.scratch / "i"),
-            "--batch-size",
-            "-3",
-        ],
+        lambda w: index(w, "--batch-size", "-3"),
         r"--batch-size",
     ),
     (
         "index-batch-zero",
-        lambda w: [
-            "index",
-            str(w.photos),
-            "--model",
-            str(w.bridge),
-            "--out",
-            str(w.scratch / "i"),
-            "--batch-size",
-            "0",
-        ],
+        lambda w: index(w, "--batch-size", "0"),
         r"--batch-size",
     ),
     (
         "index-batch-word",
-        lambda w: [
-            "index",
-            str(w.photos),
-            "--model",
-            str(w.bridge),
-            "--out",
-            str(w.scratch / "i"),
-            "--batch-size",
-            "big",
-        ],
+        lambda w: index(w, "--batch-size", "big"),
         r"--batch-size",
     ),
     (
         "index-workers-negative",
-        lambda w: [
-            "index",
-            str(w.photos),
-            "--model",
-            str(w.bridge),
-            "--out",
-            str(w.scratch / "i"),
-            "--workers",
-            "-1",
-        ],
+        lambda w: index(w, "--workers", "-1"),
         r"--workers",
     ),
     (
         "index-device-bogus",
-        lambda w: [
-            "index",
-            str(w.photos),
-            "--model",
-            str(w.bridge),
-            "--out",
-            str(w.scratch / "i"),
-            "--device",
-            "bogus",
-        ],
+        lambda w: index(w, "--device", "bogus"),
         r"bogus",
     ),
     (
         "index-precision-bogus",
-        lambda w: [
-            "index",
-            str(w.photos),
-            "--model",
-            str(w.bridge),
-            "--out",
-            str(w.scratch / "i"),
-            "--precision",
-            "fp12",
-        ],
+        lambda w: index(w, "--precision", "fp12"),
         r"fp12",
     ),
     (
@@ -577,161 +546,68 @@ ROWS: list[Row] = [
     ),
     (
         "segment-threshold-nan",
-        lambda w: [
-            "segment",
-            str(w.photo),
-            "--classes",
-            "a,b",
-            "--model",
-            str(w.bridge),
-            "--out",
-            str(w.scratch / "s.png"),
-            "--threshold",
-            "nan",
-        ],
+        lambda w: segment(w, "a,b", "--threshold", "nan"),
         r"--threshold",
     ),
     (
         "segment-threshold-big",
-        lambda w: [
-            "segment",
-            str(w.photo),
-            "--classes",
-            "a,b",
-            "--model",
-            str(w.bridge),
-            "--out",
-            str(w.scratch / "s.png"),
-            "--threshold",
-            "2",
-        ],
+        lambda w: segment(w, "a,b", "--threshold", "2"),
         r"--threshold",
     ),
     (
         "segment-classes-empty",
-        lambda w: [
-            "segment",
-            str(w.photo),
-            "--classes",
-            "",
-            "--model",
-            str(w.bridge),
-            "--out",
-            str(w.scratch / "s.png"),
-        ],
+        lambda w: segment(w, ""),
         r"class",
     ),
     (
         "segment-classes-blank-item",
-        lambda w: [
-            "segment",
-            str(w.photo),
-            "--classes",
-            "cat, ,dog",
-            "--model",
-            str(w.bridge),
-            "--out",
-            str(w.scratch / "s.png"),
-        ],
+        lambda w: segment(w, "cat, ,dog"),
         r"class",
     ),
     (
         "segment-shifts-zero",
-        lambda w: [
-            "segment",
-            str(w.photo),
-            "--classes",
-            "a,b",
-            "--model",
-            str(w.bridge),
-            "--out",
-            str(w.scratch / "s.png"),
-            "--shifts",
-            "0",
-        ],
+        lambda w: segment(w, "a,b", "--shifts", "0"),
         r"--shifts",
     ),
     # ---- the LLM route ----
     (
         "train-vlm-stage-3",
-        lambda w: ["train-vlm", "--data", "synthetic:8", "--out", str(w.scratch / "v"), "--stage", "3"],
+        lambda w: train_vlm(w, "synthetic:8", "--stage", "3"),
         r"--stage",
     ),
     (
         "train-vlm-data-missing",
-        lambda w: ["train-vlm", "--data", str(w.scratch / "no.json"), "--out", str(w.scratch / "v")],
+        lambda w: train_vlm(w, str(w.scratch / "no.json")),
         r"no\.json",
     ),
     (
         "train-vlm-llava-not-a-list",
-        lambda w: [
-            "train-vlm",
-            "--data",
-            pairs(w, '{"image": "photo.png"}', "llava.json"),
-            "--out",
-            str(w.scratch / "v"),
-        ],
+        lambda w: train_vlm(w, pairs(w, '{"image": "photo.png"}', "llava.json")),
         r"llava\.json",
     ),
     (
         "train-vlm-llava-image-int",
-        lambda w: [
-            "train-vlm",
-            "--data",
-            pairs(w, '[{"image": 5, "conversations": []}]', "llava.json"),
-            "--out",
-            str(w.scratch / "v"),
-        ],
+        lambda w: train_vlm(w, pairs(w, '[{"image": 5, "conversations": []}]', "llava.json")),
         r"llava\.json",
     ),
     (
         "train-vlm-llava-bad-turns",
-        lambda w: [
-            "train-vlm",
-            "--data",
-            pairs(w, '[{"image": "photo.png", "conversations": "hi"}]', "llava.json"),
-            "--out",
-            str(w.scratch / "v"),
-        ],
+        lambda w: train_vlm(w, pairs(w, '[{"image": "photo.png", "conversations": "hi"}]', "llava.json")),
         r"llava\.json",
     ),
     (
         "train-vlm-base-missing",
-        lambda w: [
-            "train-vlm",
-            "--data",
-            "synthetic:8",
-            "--out",
-            str(w.scratch / "v"),
-            "--base",
-            str(w.scratch / "none"),
-        ],
+        lambda w: train_vlm(w, "synthetic:8", "--base", str(w.scratch / "none")),
         r"none",
     ),
     (
         "train-vlm-base-is-a-bridge",
-        lambda w: [
-            "train-vlm",
-            "--data",
-            "synthetic:8",
-            "--out",
-            str(w.scratch / "v"),
-            "--base",
-            str(w.bridge),
-        ],
+        lambda w: train_vlm(w, "synthetic:8", "--base", str(w.bridge)),
         r"bridge|VisionLLM",
     ),
     (
         "train-vlm-config-bad",
-        lambda w: [
-            "train-vlm",
-            "--data",
-            "synthetic:8",
-            "--out",
-            str(w.scratch / "v"),
-            "--config",
-            w.config("train: {steps: -1}\n"),
-        ],
+        lambda w: train_vlm(w, "synthetic:8", "--config", w.config("train: {steps: -1}\n")),
         r"train\.steps",
     ),
     ("chat-model-missing", lambda w: ["chat", "what is it?", "--model", str(w.scratch / "none")], r"none"),
