@@ -165,6 +165,19 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument(
         "--compile", action="store_true", help="torch.compile the encoder (large folders, GPU)"
     )
+    index.add_argument(
+        "--include-hidden",
+        action="store_true",
+        help="also walk hidden and system files and folders (.*, @eaDir, node_modules, Thumbs.db, ...)",
+    )
+    index.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="skip files and folders matching GLOB: a name ('*.tmp', 'drafts'), or with a '/' a path "
+        "relative to the folder ('2019/raw*') (repeatable)",
+    )
     index.set_defaults(handler=_index)
 
     search = commands.add_parser("search", help="search an index by text, by example image, or both")
@@ -368,6 +381,7 @@ def _index(args) -> int:
     bridge = TextBridge.from_pretrained(args.model).to(settings.device)
     bridge.encoder.run_with(settings)
     options = {"batch_size": settings.batch_size, "gpu_decode": settings.gpu_decode}
+    options |= {"include_hidden": args.include_hidden, "exclude": args.exclude}
     index = ImageIndex.build(
         args.folder, bridge, args.out, workers=args.workers, model_dir=args.model, **options
     )

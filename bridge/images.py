@@ -14,6 +14,7 @@ is the filter walkers use), logging, and any change to Pillow's process-wide set
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 from typing import BinaryIO
@@ -22,8 +23,20 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
 SUPPORTED_EXTENSIONS: frozenset[str] = frozenset(
-    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif", ".avif"}
 )
+
+# What a photo folder holds besides images, and why the index does not take it: walkers report these
+# (failures.log) rather than drop them silently. RAW files need a demosaicing step whose choices (white
+# balance, exposure) belong to the photographer's converter, not to a search index.
+_RAW_EXTENSIONS = frozenset(
+    ".3fr .arw .cr2 .cr3 .crw .dcr .dng .erf .iiq .k25 .kdc .mef .mos .mrw .nef .nrw .orf .pef .raf .raw "
+    ".rw2 .rwl .sr2 .srf .srw .x3f".split()
+)
+_VIDEO_EXTENSIONS = frozenset(
+    ".3gp .avi .flv .m2ts .m4v .mkv .mov .mp4 .mpeg .mpg .mts .ogv .webm .wmv".split()
+)
+_SIDECAR_EXTENSIONS = frozenset(".aae .thm .xmp".split())  # edits and metadata written next to a photo
 
 # 64 megapixels holds any ordinary photo (48 MP phones, 61 MP full-frame cameras) while bounding one
 # decoded RGB image to ~190 MB. It is also under Pillow's own bomb threshold (~89 MP), which some of its
@@ -31,8 +44,10 @@ SUPPORTED_EXTENSIONS: frozenset[str] = frozenset(
 DEFAULT_MAX_PIXELS: int = 64_000_000
 
 # The formats Pillow may parse. Restricting them keeps the parsers that see untrusted files to the few we
-# need. MPO is what many phones write for JPEG photos; Pillow reaches it through the JPEG parser.
-_FORMATS: tuple[str, ...] = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+# need. MPO is what many phones write for JPEG photos; Pillow reaches it through the JPEG parser. AVIF is
+# Pillow's own (11.3 and later, when built with libavif); HEIF (iPhone photos, and AVIF where Pillow lacks
+# it) is pillow-heif's, registered on the first file that looks like one (`_register_heif`).
+_FORMATS: tuple[str, ...] = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF", "AVIF", "HEIF")
 
 # Pillow's convert() clips these to 0..255, turning every 16-bit value over 255 white, so we scale the
 # full range instead. "I" is how Pillow often holds 16-bit data, so it is read as 16-bit too; float
@@ -57,6 +72,23 @@ def is_supported_image(path: str | os.PathLike[str]) -> bool:
     """Whether `path` has a supported image extension (case-insensitive). Nothing is opened: this is the
     filter for folder walkers, while `load_image` goes by content whatever the name."""
     return os.path.splitext(os.fspath(path))[1].lower() in SUPPORTED_EXTENSIONS
+
+
+def not_an_image_reason(path: str | os.PathLike[str]) -> str | None:
+    """Why a walker does not take `path`, by its name alone (None: a supported image): the line that
+    failures.log gives a RAW file, a video, a sidecar or an unknown extension."""
+    extension = os.path.splitext(os.fspath(path))[1].lower()
+    if extension in SUPPORTED_EXTENSIONS:
+        return None
+    if extension in _RAW_EXTENSIONS:
+        return "RAW camera file: not decoded; export a JPEG (or TIFF) of it to index it"
+    if extension in _VIDEO_EXTENSIONS:
+        return "video: not indexed"
+    if extension in _SIDECAR_EXTENSIONS:
+        return "sidecar file (edits or metadata of a photo): not an image"
+    if not extension:
+        return "no extension: not read as an image"
+    return f"unknown extension {extension!r}: not an image the index reads"
 
 
 def load_image(
@@ -128,6 +160,8 @@ def _parse_header(stream: BinaryIO, head: bytes, name: str) -> ImageFile.ImageFi
     parsers that Image.open calls reads the same header lazily and leaves the limit to `_decode`.
     """
     Image.init()  # registers every parser on the first call, returns at once after
+    iso_media = head[4:8] == b"ftyp"  # HEIF, AVIF, or an MP4/MOV video
+    heif_readable = iso_media and _register_heif()
     for fmt in _FORMATS:
         if fmt not in Image.OPEN or not _matches(Image.OPEN[fmt][1], head):
             continue
@@ -139,7 +173,24 @@ def _parse_header(stream: BinaryIO, head: bytes, name: str) -> ImageFile.ImageFi
     other = next((fmt for fmt, (_, accept) in Image.OPEN.items() if _matches(accept, head)), None)
     if other is not None:
         raise ImageLoadError(name, f"unsupported format {other!r} (supported: {', '.join(_FORMATS)})")
+    if iso_media and not heif_readable:
+        raise ImageLoadError(
+            name, "an ISO media file (HEIF/HEIC?) and pillow-heif is not installed to read it"
+        )
     raise ImageLoadError(name, "not an image (Pillow cannot identify it)")
+
+
+@functools.cache
+def _register_heif() -> bool:
+    """Add pillow-heif's HEIF parser to Pillow's, once per process; False if pillow-heif is missing.
+    Imported only here: it loads libheif, which a folder of JPEGs never needs. It applies the file's
+    rotation while decoding and then clears the EXIF orientation, so `_decode` does not rotate twice."""
+    try:
+        import pillow_heif
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    return True
 
 
 def _matches(accept: object, head: bytes) -> bool:

@@ -13,6 +13,7 @@ decoding rules (images.py), models (model.py).
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,10 @@ class IndexSummary:
     unchanged: int = 0  # already indexed, including files touched but with the same content
     removed: int = 0  # indexed before but gone from the folder
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), as in failures.log
+    # (path, reason) of what was not tried, as in failures.log: not images (RAW, video, ...), linked folders
+    # walked already; the reason's words before its first ":" say what kind it is, for the counts
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    excluded: int = 0  # hidden and system files and folders not walked (index_update.FolderWalk)
     total: int = 0  # images in the index after the run
     seconds: float = 0.0
     model_seconds: float = 0.0  # of which running the model
@@ -59,6 +64,16 @@ class IndexSummary:
         lines += [f"  failed: {path}: {reason}" for path, reason in self.failed[:10]]
         if self.failed:
             lines.append(f"  ({len(self.failed)} failures in all, listed in {self.failure_log})")
+        if self.skipped:
+            kinds = Counter(reason.partition(":")[0] for _, reason in self.skipped)
+            what = ", ".join(
+                f"{count} {kind}" for kind, count in sorted(kinds.items(), key=lambda kc: (-kc[1], kc[0]))
+            )
+            lines.append(f"  skipped {len(self.skipped)} ({what}), listed in {self.failure_log}")
+        if self.excluded:
+            lines.append(
+                f"  excluded {self.excluded} hidden or system files and folders (--include-hidden walks them)"
+            )
         return "\n".join(lines)
 
 
@@ -119,6 +134,8 @@ class ImageIndex:
         commit_every: int = 512,
         progress: bool = True,
         gpu_decode: bool | None = None,
+        include_hidden: bool = False,
+        exclude: Sequence[str] = (),
     ) -> IndexSummary:
         """Bring the index in line with its folder: embed new and changed files, drop deleted ones.
 
@@ -127,6 +144,8 @@ class ImageIndex:
         keeps them. A file whose size or mtime changed is hashed, and re-embedded only if its content
         changed. Failed files are reported in the summary and failures.log, and retried on the next run.
         `gpu_decode` (None: when the encoder is on a GPU) decodes JPEGs on the encoder's device (decoding.py).
+        Hidden and system files and folders (index_update.DEFAULT_EXCLUDES) are not walked unless
+        `include_hidden`; `exclude` adds glob patterns; files that are not images are listed in failures.log.
         Worker processes start like `multiprocessing`'s "forkserver": a script calling this needs an
         `if __name__ == "__main__":` guard.
 
@@ -136,7 +155,7 @@ class ImageIndex:
         process's summary counts the whole run; the others' cover their own files.
         """
         # The pipeline brings the decoding workers and accelerate, which opening and searching never need.
-        from bridge.index_update import update_index
+        from bridge.index_update import FolderWalk, update_index
 
         bridge = self._use_bridge(bridge)
         self.summary = update_index(
@@ -147,6 +166,7 @@ class ImageIndex:
             commit_every=commit_every,
             progress=progress,
             gpu_decode=gpu_decode,
+            walk=FolderWalk(include_hidden, tuple(exclude)),
         )
         return self.summary
 

@@ -14,11 +14,13 @@ queries (index.py, search.py), the rules that say whether a file is an image and
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import logging
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bridge.decoding import decode_jpegs, gpu_decodable, ordered_map, pixel_batch
-from bridge.images import ImageLoadError, is_supported_image, try_load_image
+from bridge.images import ImageLoadError, not_an_image_reason, try_load_image
 from bridge.index import IndexSummary, embed_images
 from bridge.index_files import FAILURE_LOG, FileRecord, IndexStore, Part, Shard, write_atomic
 from bridge.index_lock import index_lock
@@ -48,6 +50,7 @@ def update_index(
     commit_every: int,
     progress: bool,
     gpu_decode: bool | None,
+    walk: FolderWalk | None = None,
 ) -> IndexSummary:
     """Embed the new and changed files of the folder `store` indexes, drop the deleted ones; the run's
     summary (arguments as `ImageIndex.update` takes them). The main process holds the index's lock
@@ -58,7 +61,7 @@ def update_index(
     started, summary, state = time.perf_counter(), IndexSummary(), processes()
     rank, world = state.process_index, state.num_processes
     with _taking_over(store, state):
-        tasks, gone = _scan(root, store, summary if rank == 0 else IndexSummary())
+        tasks, gone = _scan(root, store, summary if rank == 0 else IndexSummary(), walk or FolderWalk())
         tasks = tasks[rank::world]
         part = Part(store.directory, rank, world, store.manifest["next_shard"]) if world > 1 else None
         commit = store.commit if part is None else part.add
@@ -140,7 +143,8 @@ def update_index(
             store.save(store.directory)
 
         summary.failure_log = str(store.directory / FAILURE_LOG)
-        write_atomic(store.directory / FAILURE_LOG, "".join(f"{p}: {r}\n" for p, r in summary.failed))
+        reported = summary.failed + summary.skipped  # what was tried and failed, then what was not tried
+        write_atomic(store.directory / FAILURE_LOG, "".join(f"{p}: {r}\n" for p, r in reported))
         summary.total, summary.decode_wait_seconds = len(store), timing["wait"]
         summary.seconds = time.perf_counter() - started
         log.info("index '%s': %s", store.directory, summary)
@@ -186,12 +190,12 @@ def _taking_over(store: IndexStore, state) -> Iterator[None]:
 
 
 def _scan(
-    root: Path, store: IndexStore, summary: IndexSummary
+    root: Path, store: IndexStore, summary: IndexSummary, walk: FolderWalk
 ) -> tuple[list[tuple], list[tuple[Shard, int]]]:
     """Walk the folder: (files to read, rows of files gone). Files whose size and mtime match their
     record count as unchanged unread; files that cannot even be stat'ed count as failed."""
     tasks, seen = [], set()
-    for path in _image_files(root, summary.failed):
+    for path in _image_files(root, walk, summary):
         relative = path.relative_to(root).as_posix()
         try:
             stat = path.stat()
@@ -209,16 +213,79 @@ def _scan(
     return tasks, [store.live[relative] for relative in store.live if relative not in seen]
 
 
-def _image_files(root: Path, failed: list[tuple[str, str]]) -> Iterator[Path]:
-    """Supported image files under `root`, recursively, sorted. Links to files are followed, links to
-    folders are not (no loops); folders that cannot be listed are reported in `failed`."""
+# Names that are no one's photos: hidden files and folders (".git", ".DS_Store", ".Trash", editors'
+# "._" files), NAS thumbnails (Synology "@eaDir", "#recycle"), Windows' and macOS's bookkeeping, and code.
+# rclip skips the same; a photo library holds thousands of thumbnails in "@eaDir" that would be indexed twice.
+DEFAULT_EXCLUDES: tuple[str, ...] = (
+    ".*",
+    "@eaDir",
+    "#recycle",
+    "node_modules",
+    "__MACOSX",
+    "Thumbs.db",
+    "desktop.ini",
+    "$RECYCLE.BIN",
+    "System Volume Information",
+)
+
+
+@dataclass(frozen=True)
+class FolderWalk:
+    """Which files and folders under the indexed folder are walked. A pattern (fnmatch, case-sensitive)
+    matches a name, or with a "/" in it the path relative to the folder; an excluded folder is not
+    entered. Excluded files are counted in the summary, not listed."""
+
+    include_hidden: bool = False  # walk DEFAULT_EXCLUDES too
+    exclude: tuple[str, ...] = ()  # more patterns, as `dinobridge index --exclude` gives them
+
+    def excludes(self, relative: str, name: str) -> bool:
+        patterns = self.exclude if self.include_hidden else DEFAULT_EXCLUDES + self.exclude
+        return any(fnmatch.fnmatchcase(relative if "/" in p else name, p) for p in patterns)
+
+
+def _image_files(root: Path, walk: FolderWalk, summary: IndexSummary) -> Iterator[Path]:
+    """Supported image files under `root`, recursively, sorted. Excluded names (`walk`) are counted in
+    `summary.excluded`; other files that are not images, with the reason, in `summary.skipped`; folders
+    that cannot be listed in `summary.failed`. Links are followed, to files and to folders, but a folder
+    is walked once whatever the links to it (found by device and inode), so a link loop ends."""
 
     def unlisted(error: OSError) -> None:
-        failed.append((str(error.filename), f"cannot list the folder ({error.strerror or error})"))
+        summary.failed.append((str(error.filename), f"cannot list the folder ({error.strerror or error})"))
 
-    for folder, subfolders, files in os.walk(root, onerror=unlisted):
-        subfolders.sort()
-        yield from (Path(folder, name) for name in sorted(files) if is_supported_image(name))
+    stat = root.stat()
+    walked = {(stat.st_dev, stat.st_ino): root}
+    for folder, subfolders, files in os.walk(root, onerror=unlisted, followlinks=True):
+        relative = Path(folder).relative_to(root)
+        entered = []
+        for name in sorted(subfolders):
+            path = Path(folder, name)
+            if walk.excludes((relative / name).as_posix(), name):
+                summary.excluded += 1
+                continue
+            try:
+                stat = path.stat()
+            except OSError as error:  # gone since it was listed, or a link that stopped resolving
+                unlisted(error)
+                continue
+            first = walked.setdefault((stat.st_dev, stat.st_ino), path)
+            if first != path:
+                summary.skipped.append(
+                    (
+                        str(path),
+                        f"folder walked already: the same folder as '{first}' (a link loop or a second link)",
+                    )
+                )
+                continue
+            entered.append(name)
+        subfolders[:] = entered  # os.walk enters only these
+        for name in sorted(files):
+            path = Path(folder, name)
+            if walk.excludes((relative / name).as_posix(), name):
+                summary.excluded += 1
+            elif reason := not_an_image_reason(name):
+                summary.skipped.append((str(path), reason))
+            else:
+                yield path
 
 
 # --- decoding: `_prepare` runs in the worker processes, the rest here --------------------------------------

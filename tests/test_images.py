@@ -99,7 +99,7 @@ BAD_FILES: dict[str, Callable[[Path], tuple[Path, str]]] = {
     ),
     "unsupported format named .png": lambda d: (
         write(d / "icon.png", encoded(Image.new("RGB", (16, 16)), "ICO")),
-        "unsupported format 'ICO' (supported: JPEG, MPO, PNG, WEBP, BMP, GIF, TIFF)",
+        "unsupported format 'ICO' (supported: JPEG, MPO, PNG, WEBP, BMP, GIF, TIFF, AVIF, HEIF)",
     ),
     "broken symlink": broken_symlink,
     "directory": directory_named_like_an_image,
@@ -354,6 +354,9 @@ def test_is_supported_image_goes_by_extension(name: str | Path, supported: bool)
 
 
 def test_public_constants() -> None:
-    assert SUPPORTED_EXTENSIONS == {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+    assert SUPPORTED_EXTENSIONS == {
+        *(".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"),
+        *(".heic", ".heif", ".avif"),  # decoded by Pillow's AVIF plugin and pillow-heif
+    }
     assert all(ext == ext.lower() and ext.startswith(".") for ext in SUPPORTED_EXTENSIONS)
     assert DEFAULT_MAX_PIXELS == 64_000_000

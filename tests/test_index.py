@@ -158,7 +158,7 @@ def test_every_bad_file_is_reported_and_every_good_one_indexed(
         (folder / name).write_bytes(data)
     (folder / "gone.jpg").symlink_to(folder / "deleted.jpg")
     (folder / "album.jpg").mkdir()  # a folder named like an image: walked into, not reported
-    (folder / "readme.txt").write_text("not an image extension: never looked at")
+    (folder / "readme.txt").write_text("not an image extension: never opened, listed as skipped")
     secret, real_open = str(folder / "secret.png"), builtins.open
 
     def open_as_another_user(file, *args, **kwargs):  # chmod 0 means nothing to root, so simulate
@@ -177,7 +177,9 @@ def test_every_bad_file_is_reported_and_every_good_one_indexed(
     assert failed.keys() == expected.keys()
     assert all(failed[path].startswith(reason) for path, reason in expected.items()), failed
     log_lines = (out / "failures.log").read_text().splitlines()
-    assert sorted(log_lines) == sorted(f"{path}: {reason}" for path, reason in failed.items())
+    skipped = f"{folder / 'readme.txt'}: unknown extension '.txt': not an image the index reads"
+    assert index.summary.skipped == [(str(folder / "readme.txt"), skipped.partition(": ")[2])]
+    assert sorted(log_lines) == sorted([*(f"{path}: {reason}" for path, reason in failed.items()), skipped])
     assert sorted(index.paths) == sorted(GOOD_FILES)
     assert (index.summary.indexed, index.summary.total) == (len(GOOD_FILES), len(GOOD_FILES))
 
