@@ -15,7 +15,7 @@ import traceback
 from pathlib import Path
 
 from bridge import __version__
-from bridge.config import ConfigError, RunConfig, load_config
+from bridge.config import AdapterSettings, ConfigError, RunConfig, load_config
 
 IMAGE_SUFFIXES = (
     ".png",
@@ -28,6 +28,7 @@ IMAGE_SUFFIXES = (
     ".gif",
 )  # what --out maps are saved as
 GROUNDING_BRIDGE = "demo-out/grounding/bridge"  # where `dinobridge demo grounding` saves its bridge
+DEFAULT_ADAPTER_NAME = "default"  # bridge.adapters.DEFAULT_ADAPTER, without importing torch to parse
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     train.add_argument("--steps", type=positive_int, help="override train.steps")
+    train.add_argument("--base", help="a saved bridge to start from (with --lora: to adapt)")
+    train.add_argument(
+        "--lora", action="store_true", help="train only a LoRA adapter on --base (settings: train.lora)"
+    )
+    train.add_argument(
+        "--adapter", help=f"the adapter's name (default: {DEFAULT_ADAPTER_NAME}); --out keeps the base's too"
+    )
     train.set_defaults(handler=_train)
 
     evaluate = commands.add_parser("eval", help="evaluate a saved bridge")
@@ -98,11 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     retrieval.add_argument("--data", required=True, help="pairs.jsonl, pairs.csv, COCO .json or synthetic:N")
     retrieval.add_argument("--image-root")
     retrieval.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    _add_adapter_option(retrieval)
     retrieval.set_defaults(handler=_eval_retrieval)
     zeroshot = tasks.add_parser("zeroshot", help="zero-shot classification on an ImageFolder layout")
     zeroshot.add_argument("--model", required=True, help="a saved bridge directory")
     zeroshot.add_argument("--data", required=True, help="root/<class name>/<image>")
     zeroshot.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    _add_adapter_option(zeroshot)
     zeroshot.set_defaults(handler=_eval_zeroshot)
 
     segmentation = tasks.add_parser("segmentation", help="mIoU and pointing game on images with label masks")
@@ -112,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_grounding_options(segmentation)
     segmentation.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    _add_adapter_option(segmentation)
     segmentation.set_defaults(handler=_eval_segmentation)
 
     ground = commands.add_parser("ground", help="where in an image a text is: a heatmap per text")
@@ -127,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--scale", type=positive_int, help="short side in pixels to map at (default: one window)"
     )
     _add_map_options(ground)
+    _add_adapter_option(ground)
     ground.set_defaults(handler=_ground)
 
     segment = commands.add_parser("segment", help="label every pixel with one of the named classes")
@@ -139,12 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", default=GROUNDING_BRIDGE, help=f"a saved bridge (default: {GROUNDING_BRIDGE})"
     )
     _add_grounding_options(segment)
+    _add_adapter_option(segment)
     segment.set_defaults(handler=_segment)
 
     index = commands.add_parser("index", help="index a folder of images (again: only new or changed files)")
     index.add_argument("folder", help="folder walked recursively for images")
     index.add_argument("--model", required=True, help="a saved bridge directory")
     index.add_argument("--out", type=output_directory, required=True, help="the index directory")
+    _add_adapter_option(index)
     index.add_argument(
         "--workers",
         type=non_negative_int,
@@ -193,7 +207,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser(
         "serve", help="serve an index to a browser and a JSON API (loopback by default)"
     )
+    merge = commands.add_parser("merge", help="fold a bridge's LoRA adapter into a plain bridge")
+    merge.add_argument("model", help="a saved bridge directory holding adapters")
+    merge.add_argument("--adapter", required=True, help="the adapter to fold in")
+    merge.add_argument("--out", type=output_directory, required=True, help="directory for the plain bridge")
+    merge.set_defaults(handler=_merge)
     serve.add_argument("index", help="an index directory made by `dinobridge index`")
+    search.add_argument(
+        "--adapter", help="the bridge's LoRA adapter to query through (default: the one that built the index)"
+    )
     serve.add_argument("--model", help="bridge directory (default: the one the index was built with)")
     serve.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine)"
@@ -207,6 +229,20 @@ def build_parser() -> argparse.ArgumentParser:
         "and printed; better kept out of the command line in DINOBRIDGE_TOKEN",
     )
     serve.set_defaults(handler=_serve)
+
+    export = commands.add_parser(
+        "export", help="write an index's embeddings to a Parquet file (LanceDB, ...)"
+    )
+    export.add_argument("index", help="an index directory made by `dinobridge index`")
+    export.add_argument("out", help="the Parquet file to write (replaced if it exists)")
+    export.add_argument(
+        "--space",
+        choices=["text", "image", "both"],
+        default="text",
+        help="text: the bridge's text space (search by text); image: DINOv2's CLS (image to image); "
+        "both: the two, as columns embedding and image_embedding (default: text)",
+    )
+    export.set_defaults(handler=_export)
     _add_llm_route_commands(commands)
     return parser
 
@@ -218,6 +254,10 @@ def _add_grounding_options(parser: argparse.ArgumentParser) -> None:
         help="cosine below which a pixel is background (default: bridge.grounding.DEFAULT_THRESHOLD)",
     )
     _add_map_options(parser)
+def _add_adapter_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--adapter", help="a LoRA adapter saved with the bridge (default: the base bridge)")
+
+
 
 
 def _add_map_options(parser: argparse.ArgumentParser) -> None:
@@ -300,14 +340,14 @@ def _threshold(args) -> float:
     return DEFAULT_THRESHOLD if args.threshold is None else args.threshold
 
 
-def _grounding_bridge(directory: str):
+def _grounding_bridge(directory: str, adapter: str | None = None):
     from bridge.model import TextBridge
 
     if not Path(directory).is_dir():
         raise FileNotFoundError(
             f"no bridge at '{directory}'; train one with `dinobridge demo grounding` or pass --model DIR"
         )
-    return TextBridge.from_pretrained(directory)
+    return TextBridge.from_pretrained(directory, adapter)
 
 
 def _ground(args) -> int:
@@ -317,7 +357,9 @@ def _ground(args) -> int:
     from bridge.images import load_image
 
     image = load_image(args.image)
-    maps = heatmaps(_grounding_bridge(args.model), image, args.texts, args.scale, args.shifts, args.refine)
+    maps = heatmaps(
+        _grounding_bridge(args.model, args.adapter), image, args.texts, args.scale, args.shifts, args.refine
+    )
     for text, heatmap in zip(args.texts, maps, strict=True):
         row, column = divmod(int(heatmap.argmax()), heatmap.shape[1])
         print(
@@ -339,7 +381,7 @@ def _segment(args) -> int:
 
     class_names = parse_class_list(args.classes)  # before loading a model: a bad list fails at once
     image = load_image(args.image)
-    bridge = _grounding_bridge(args.model)
+    bridge = _grounding_bridge(args.model, args.adapter)
     result = segment(bridge, image, class_names, _threshold(args), shifts=args.shifts, refine=args.refine)
     draw_segmentation(image, result).save(args.out)
     for label, name in enumerate(["background", *class_names]):
@@ -355,7 +397,7 @@ def _eval_segmentation(args) -> int:
     from training.evaluate import evaluate_segmentation
 
     samples, class_names = load_segmentation_folder(args.data)
-    bridge = TextBridge.from_pretrained(args.model)
+    bridge = TextBridge.from_pretrained(args.model, args.adapter)
     loaded = ((load_image(image), load_mask(mask)) for image, mask in samples)
     metrics = evaluate_segmentation(
         bridge, loaded, class_names, _threshold(args), shifts=args.shifts, refine=args.refine
@@ -378,7 +420,7 @@ def _index(args) -> int:
     state = processes()
     device = args.device or str(state.device)  # under `accelerate launch`, this process's GPU
     settings = encode_settings(device, args.precision, args.compile, args.batch_size)
-    bridge = TextBridge.from_pretrained(args.model).to(settings.device)
+    bridge = TextBridge.from_pretrained(args.model, args.adapter).to(settings.device)
     bridge.encoder.run_with(settings)
     options = {"batch_size": settings.batch_size, "gpu_decode": settings.gpu_decode}
     options |= {"include_hidden": args.include_hidden, "exclude": args.exclude}
@@ -397,18 +439,22 @@ def _search(args) -> int:
 
     if not (args.texts or args.image):
         raise ValueError("give a text query, an --image, or both")
-    model_dir = args.model or read_manifest(Path(args.index))["model_dir"]
+    manifest = read_manifest(Path(args.index))
+    model_dir = args.model or manifest["model_dir"]
+    # The adapter that built the index is the one whose saved fingerprint it records (adapters.py).
+    adapter = args.adapter or adapter_with_fingerprint(model_dir, manifest["fingerprint"])
     if model_dir is None:
         raise ValueError(
             f"index '{args.index}' does not record its model; pass the bridge directory (--model)"
+    from bridge.adapters import adapter_with_fingerprint
         )
     # A text-only query needs the bridge's text tower alone; run in NumPy when it can be, the search
     # never imports torch, which is most of a one-shot search's time (numpy_text.py).
-    bridge = TextQueryEncoder.from_pretrained(model_dir) if not args.image else None
+    bridge = TextQueryEncoder.from_pretrained(model_dir) if not (args.image or adapter) else None
     if bridge is None:
         from bridge.model import TextBridge
 
-        bridge = TextBridge.from_pretrained(model_dir)
+        bridge = TextBridge.from_pretrained(model_dir, adapter)
     index = ImageIndex.load(args.index, bridge)
     results = index.search(text=args.texts, image=args.image, minus=args.minus, k=args.k)
     if args.json:
@@ -417,6 +463,14 @@ def _search(args) -> int:
         print("\n".join(f"{score:.4f}  {path}" for path, score in results))
     else:
         print(f"index '{args.index}' is empty")
+    return 0
+
+
+def _export(args) -> int:
+    from bridge.export import export_parquet
+
+    rows = export_parquet(args.index, args.out, args.space)
+    print(f"wrote {rows} images' {args.space} embeddings to {args.out}")
     return 0
 
 
@@ -488,7 +542,13 @@ def _train(args) -> int:
     config = load_config(args.config) if args.config else RunConfig()
     if args.steps is not None:
         config.train.steps = args.steps
-    _, result = train_text_bridge(config, args.data, args.out, resume=args.resume, image_root=args.image_root)
+    if args.lora and config.train.lora is None:
+        config.train.lora = AdapterSettings()
+    if not args.lora and config.train.lora is not None:
+        raise ConfigError(f"'{args.config}' has a train.lora section: add --lora --base BRIDGE_DIR to use it")
+    _, result = train_text_bridge(
+        config, args.data, args.out, args.resume, args.image_root, base=args.base, adapter=args.adapter
+    )
     if result.skipped:
         print(f"skipped {len(result.skipped)} unreadable images:")
         for origin, reason in result.skipped:
@@ -498,7 +558,18 @@ def _train(args) -> int:
         print(f"held-out image->text R@1/5/10 {_recalls(result.metrics, 'image_to_text')}")
     else:
         print("no held-out pairs (train.held_out: 0): nothing measured")
-    print(f"saved the bridge to {args.out}")
+    adapter = f", with adapter '{args.adapter or DEFAULT_ADAPTER_NAME}'" if args.lora else ""
+    print(f"saved the bridge to {args.out}{adapter}")
+    return 0
+
+
+def _merge(args) -> int:
+    from bridge.model import TextBridge
+
+    if (Path(args.out) / "config.json").exists():
+        raise ValueError(f"--out '{args.out}' already holds a model; give a new or empty directory")
+    TextBridge.from_pretrained(args.model, args.adapter).merged().save_pretrained(args.out)
+    print(f"wrote {args.out}: the bridge with adapter '{args.adapter}' folded in (loads without peft)")
     return 0
 
 
@@ -508,7 +579,7 @@ def _eval_retrieval(args) -> int:
     from training.cache import FeatureCache, TextCache, user_cache_dir
     from training.data import load_pairs
 
-    bridge = TextBridge.from_pretrained(args.model)
+    bridge = TextBridge.from_pretrained(args.model, args.adapter)
     pairs = load_pairs(args.data, args.image_root)
     cache_dir = user_cache_dir()  # never the model's directory: eval only reads a saved model
     features = FeatureCache(cache_dir, bridge.encoder).features(pairs)
@@ -532,7 +603,7 @@ def _eval_zeroshot(args) -> int:
     from training.data import Pair, load_image_folder
     from training.evaluate import zeroshot_accuracy
 
-    bridge = TextBridge.from_pretrained(args.model)
+    bridge = TextBridge.from_pretrained(args.model, args.adapter)
     paths, labels, class_names = load_image_folder(args.data)
     # The feature cache decodes, skips unreadable files with their reason, and encodes, as for retrieval.
     pairs = [Pair(path, [class_names[label]], path) for path, label in zip(paths, labels, strict=True)]

@@ -154,6 +154,17 @@ def _some_modules(names: list[str]) -> str | None:
 
 @dataclass
 class EncoderConfig:
+# The parts of a text bridge a LoRA adapter can sit on (bridge/adapters.py).
+ADAPTER_TARGETS = ("projector",)
+
+
+def _adapter_targets(targets: list[str]) -> str | None:
+    unknown = [target for target in targets if target not in ADAPTER_TARGETS]
+    if unknown or not targets:
+        return f"name parts of the bridge to adapt, from: {', '.join(ADAPTER_TARGETS)}"
+    return None
+
+
     # Hub name ("facebook/dinov2-base") or local directory. None builds `architecture` with random
     # weights (seeded by `seed`), the offline default.
     name: str | None = None
@@ -201,6 +212,21 @@ class BridgeConfig:
 
 @dataclass
 class TrainConfig:
+@dataclass
+class AdapterSettings:
+    """A LoRA adapter on a trained text bridge (`dinobridge train --base DIR --lora`, bridge/adapters.py)."""
+
+    r: int = checked(8, at_least=1)  # rank of the low-rank update
+    alpha: int = checked(16, at_least=1)  # the update is scaled by alpha / r
+    dropout: float = checked(0.0, at_least=0, below=1)
+    # Parts of the bridge whose linear layers get an adapter; their base weights stay frozen.
+    targets: list[str] = checked(
+        factory=lambda: ["projector"], check=_adapter_targets, example="[projector]"
+    )
+    # Also train the loss's temperature (and SigLIP's bias): they are saved with the adapter.
+    train_temperature: bool = False
+
+
     # infonce (CLIP, learnable temperature) | siglip (sigmoid, learnable bias)
     loss: str = checked("infonce", one_of=LOSS_NAMES)
     steps: int = checked(1500, at_least=1)
@@ -231,6 +257,8 @@ class TrainConfig:
     )
 
 
+    # Set to train a LoRA adapter on a trained bridge (`--base DIR --lora`) instead of the projector.
+    lora: AdapterSettings | None = None
 @dataclass
 class RunConfig:
     bridge: BridgeConfig = field(default_factory=BridgeConfig)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
+from bridge.adapters import adapter_reason
 from bridge.images import load_image
 from bridge.index_files import IndexStore
 from bridge.queries import check_texts
@@ -303,6 +304,7 @@ class ImageIndex:
         return self._bridge
 
 
+                made_by += adapter_reason(self.model_dir, self.fingerprint, getattr(bridge, "adapter", None))
 def embed_images(bridge: TextBridge, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """Preprocessed images (B, 3, S, S) on the encoder's device -> (text-space, DINOv2 CLS) embeddings,
     normalised float16, from one encoder pass: what an index stores and what an image query is."""

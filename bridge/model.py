@@ -29,7 +29,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from bridge.config import BridgeConfig, ConfigError, ProjectorConfig, from_dict, to_dict
+from bridge.adapters import DEFAULT_ADAPTER, Adapters, attach, merged
+from bridge.config import AdapterSettings, BridgeConfig, ConfigError, ProjectorConfig, from_dict, to_dict
 from bridge.fingerprint import fingerprint
 from bridge.images import load_image
 from bridge.model_files import CONFIG_FILE, TEXT_BRIDGE, read_saved_config, refuse_custom_code, saved_header
@@ -67,6 +68,7 @@ class TextBridge(nn.Module):
         self.logit_bias = nn.Parameter(torch.tensor(-10.0))
         # (fingerprint, the projector's own fingerprint when it was taken): see `fingerprint`.
         self._fingerprint: tuple[str, str] | None = None
+        self.adapters: Adapters | None = None  # LoRA adapters (bridge/adapters.py), made on first add
 
     @classmethod
     def from_config(cls, config: BridgeConfig) -> TextBridge:
@@ -219,8 +221,10 @@ class TextBridge(nn.Module):
         projector, the part that trains (a few MB, milliseconds), is hashed again on each call: a changed
         projector (an optimiser step, `load_weights`) means a new fingerprint. A bridge from
         `from_pretrained` starts with the value saved with it, which spares it the hashing and the
-        building of its encoder.
+        building of its encoder. With an adapter loaded, see `Adapters.fingerprint`.
         """
+        if self.adapters is not None:
+            return self.adapters.fingerprint()
         projector = fingerprint(self.projector)
         if self._fingerprint is None or self._fingerprint[1] != projector:
             # The tower's weights are hashed below; of its config only what changes outputs, not its path.
@@ -228,6 +232,25 @@ class TextBridge(nn.Module):
             modules = nn.ModuleList([self.tower, self.projector])
             self._fingerprint = (fingerprint(modules, self.encoder.fingerprint(), text), projector)
         return self._fingerprint[0]
+
+    def add_adapter(self, name: str = DEFAULT_ADAPTER, settings: AdapterSettings | None = None) -> None:
+        """A new LoRA adapter on this bridge (bridge/adapters.py), active and zero (the base's embeddings)
+        until it trains; the base weights are frozen."""
+        attach(self).add(name, settings or AdapterSettings())
+
+    def set_adapter(self, name: str | None) -> None:
+        """Embed through adapter `name`, or through the base alone (None), bit for bit the base's."""
+        if name is not None or self.adapters is not None:
+            attach(self).set_active(name)
+
+    @property
+    def adapter(self) -> str | None:
+        """The name of the active adapter; None: the base."""
+        return None if self.adapters is None else self.adapters.active
+
+    def merged(self) -> TextBridge:
+        """A plain bridge with the active adapter folded into the projector (loads without peft)."""
+        return merged(self)
 
     def save_pretrained(self, directory: str | Path) -> None:
         directory = Path(directory)
@@ -243,23 +266,30 @@ class TextBridge(nn.Module):
             config.encoder.name = ENCODER_DIR
             config.encoder.image_size = None  # the saved preprocessor config already has it
         # The fingerprint is saved with the projector's own, so a load can tell it is still these weights'.
-        saved = {
-            **saved_header(TEXT_BRIDGE),
-            "bridge": to_dict(config),
-            "fingerprint": self.fingerprint(),
-            "projector_fingerprint": self._fingerprint[1],
-        }
+        saved = {**saved_header(TEXT_BRIDGE), "bridge": to_dict(config)}
+        if self.adapters is None:
+            saved["fingerprint"] = self.fingerprint()
+            saved["projector_fingerprint"] = self._fingerprint[1]
+            projector, temperature = self.projector.state_dict(), (self.logit_scale, self.logit_bias)
+        else:  # the base as it was, unchanged, and each adapter in its folder (adapters.py)
+            saved["fingerprint"] = self.adapters.base_fingerprint
+            saved["projector_fingerprint"] = self.adapters.base_projector_fingerprint
+            projector, temperature = self.adapters.base_weights(), self.adapters.temperatures[None]
+            self.adapters.save(directory)
         (directory / CONFIG_FILE).write_text(json.dumps(saved, indent=2) + "\n")
-        weights = {f"projector.{k}": v.contiguous() for k, v in self.projector.state_dict().items()}
-        weights["logit_scale"] = self.logit_scale.detach()
-        weights["logit_bias"] = self.logit_bias.detach()
+        weights = {f"projector.{k}": v.contiguous() for k, v in projector.items()}
+        weights["logit_scale"] = temperature[0].detach()
+        weights["logit_bias"] = temperature[1].detach()
         save_file({k: v.cpu() for k, v in weights.items()}, directory / WEIGHTS_FILE)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> TextBridge:
+    def from_pretrained(cls, directory: str | Path, adapter: str | None = None) -> TextBridge:
         """The bridge `save_pretrained` wrote to `directory`. What it cannot load (another kind of model,
         a newer format, a damaged or mismatched file, a model needing custom code) is refused in one line
-        naming the file and the fix, before any weights are read."""
+        naming the file and the fix, before any weights are read.
+
+        `adapter`: the name of a LoRA adapter saved with it (bridge/adapters.py), loaded and active;
+        None: the base bridge alone."""
         directory = Path(directory)
         saved = read_saved_config(directory, TEXT_BRIDGE)
         config_file = directory / CONFIG_FILE
@@ -283,6 +313,8 @@ class TextBridge(nn.Module):
         projector = fingerprint(bridge.projector)
         if saved.get("fingerprint") and saved.get("projector_fingerprint") == projector:
             bridge._fingerprint = (saved["fingerprint"], projector)
+        if adapter is not None:
+            attach(bridge).load(directory, adapter)
         return bridge
 
     def load_weights(self, path: str | Path, config_file: Path | None = None) -> None:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
 
+from bridge.adapters import DEFAULT_ADAPTER, check_adapter_name, copy_saved_adapters, saved_adapters
 from bridge.config import ConfigError, RunConfig, TrainConfig
 from bridge.model import TextBridge
 from bridge.runtime import encode_settings, processes
@@ -212,9 +213,28 @@ def fit(
                 log.info("step %d: held-out text->image R@1 %.3f", done, metrics["text_to_image_R@1"])
 
     head = TrainableHead(bridge, config.loss).train()
+    if bridge.adapter is not None and config.lora is not None:  # the adapter alone, and the temperature?
+        bridge.adapters.train_only(bridge.adapter, config.lora.train_temperature)
+        bridge.logit_bias.requires_grad_(config.lora.train_temperature and config.loss != "infonce")
     losses = run_loop(head, micro_step, config, out_dir, resume, progress, "training", after_step)
     metrics = evaluate_alignment(bridge, data.held_out)
     return TrainResult(config.steps, losses, metrics, data.skipped)
+
+
+def check_adapter_run(config: TrainConfig, base: str | Path | None, adapter: str | None) -> str | None:
+    """The name of the adapter a run trains (None: it trains the projector), its settings checked."""
+    if config.lora is None:
+        if adapter is not None:
+            raise ConfigError("--adapter names a LoRA adapter: add --lora (and --base DIR) to train one")
+        return None
+    if base is None:
+        raise ConfigError("--lora trains an adapter on a trained bridge: give it with --base BRIDGE_DIR")
+    name = check_adapter_name(adapter or DEFAULT_ADAPTER)
+    if name in saved_adapters(base):
+        raise ConfigError(
+            f"base '{base}' already holds an adapter named '{name}'; choose another --adapter name"
+        )
+    return name
 
 
 def loss_function(name: str):
@@ -287,13 +307,22 @@ def train_text_bridge(
     resume: bool = False,
     image_root: str | None = None,
     progress: bool = True,
+    base: str | Path | None = None,
+    adapter: str | None = None,
 ) -> tuple[TextBridge, TrainResult]:
     """The whole `dinobridge train`: build, cache, fit, save the bridge to out_dir.
+
+    `base`: a saved bridge to start from instead of `config.bridge`; its whole projector trains on, or,
+    with `config.train.lora` set, only a new LoRA adapter named `adapter` (bridge/adapters.py), saved in
+    out_dir with the base, unchanged, and the adapters the base directory already held.
 
     A new run (no `resume`) into an `out_dir` that holds an earlier run is refused before any work; the
     config, the data and the image root are checked before anything is written there."""
     out_dir = Path(out_dir)
-    settings = run_settings(config, data, image_root)
+    adapter = check_adapter_run(config.train, base, adapter)
+    settings = run_settings(config, data, image_root, base)
+    if adapter is not None:
+        settings["adapter"] = adapter
     cache_dir = run_cache_dir(out_dir, config.train.cache_dir)
     loss_function(config.train.loss)  # a config mistake fails here, not after the caches are filled
     state = processes()
@@ -304,7 +333,9 @@ def train_text_bridge(
     # then read the caches it filled.
     with state.main_process_first():
         torch.manual_seed(config.train.seed)
-        bridge = TextBridge.from_config(config.bridge)
+        bridge = TextBridge.from_config(config.bridge) if base is None else TextBridge.from_pretrained(base)
+        if adapter is not None:
+            bridge.add_adapter(adapter, config.train.lora)
         # The cache fill runs the encoder on this process's device (a GPU when there is one), in float32
         # so that the features, and the encoder a bridge saves, stay exact.
         bridge.encoder.run_with(encode_settings(str(state.device), precision="fp32"))
@@ -316,6 +347,8 @@ def train_text_bridge(
     result = fit(bridge, alignment, config.train, out_dir, resume=resume, progress=progress)
     if state.is_main_process:
         bridge.save_pretrained(out_dir)
+        if adapter is not None:
+            copy_saved_adapters(Path(base), out_dir, skip=adapter)
         (out_dir / "metrics.json").write_text(json.dumps(result.metrics, indent=2))
     state.wait_for_everyone()
     return bridge, result
