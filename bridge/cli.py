@@ -162,7 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument(
         "--workers",
         type=non_negative_int,
-        help="decoding processes (default: one per core, less one; 0: decode in this process)",
+        help="decoding processes (default on a CPU: half the cores, the rest encode; on a GPU: one per "
+        "core, less one; 0: decode in this process)",
+    )
+    index.add_argument(
+        "--threads",
+        type=positive_int,
+        help="torch threads of the encoder (default: the cores the decoding processes leave, at least 1)",
     )
     index.add_argument(
         "--device", type=device_name, help="cpu, cuda, cuda:1, ... (default: the GPU if there is one)"
@@ -413,6 +419,9 @@ def _eval_segmentation(args) -> int:
 
 
 def _index(args) -> int:
+    import torch
+
+    from bridge.decoding import split_cores, usable_cores
     from bridge.index import ImageIndex
     from bridge.model import TextBridge
     from bridge.runtime import encode_settings, processes
@@ -422,11 +431,12 @@ def _index(args) -> int:
     settings = encode_settings(device, args.precision, args.compile, args.batch_size)
     bridge = TextBridge.from_pretrained(args.model, args.adapter).to(settings.device)
     bridge.encoder.run_with(settings)
+    on_cpu = settings.device.type == "cpu"  # on a GPU (CUDA, MPS) the encoder needs one thread to feed it
+    workers, threads = split_cores(usable_cores(), not on_cpu, args.workers, args.threads)
+    torch.set_num_threads(threads)  # workers + threads <= cores: neither waits for the other's core
     options = {"batch_size": settings.batch_size, "gpu_decode": settings.gpu_decode}
     options |= {"include_hidden": args.include_hidden, "exclude": args.exclude}
-    index = ImageIndex.build(
-        args.folder, bridge, args.out, workers=args.workers, model_dir=args.model, **options
-    )
+    index = ImageIndex.build(args.folder, bridge, args.out, workers=workers, model_dir=args.model, **options)
     if state.is_main_process:  # under `accelerate launch` the main process reports the whole run
         print(index.summary)
     return 0

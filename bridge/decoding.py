@@ -131,6 +131,42 @@ def default_workers() -> int:
     return max(1, (os.cpu_count() or 2) - 1)
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity (a container's or taskset's share), not the
+    machine's count, which overstates it wherever the process is pinned."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity call
+        return os.cpu_count() or 1
+
+
+def split_cores(
+    cores: int, on_gpu: bool = False, workers: int | None = None, threads: int | None = None
+) -> tuple[int, int]:
+    """(decode worker processes, torch threads of the encoding process) for `cores` cores.
+
+    On a CPU the two share the cores, never more than there are (workers + threads <= cores): a
+    thread more than the cores makes the encoder's matmuls wait for each other and the decoders (torch's
+    threads spin at barriers), which cost 2-3x on a loaded 2-core machine. With reduced-scale JPEG
+    decoding a phone photo takes about as long to decode as to encode (benchmarks/RESULTS.md, "Indexing
+    a phone's photos on a CPU"), so half the cores go to each, the odd one to the encoder; one core
+    decodes between batches in the one process. On a GPU the encoder needs one thread to feed it, and
+    every other core decodes. An override of either fills the rest of the cores with the other; both
+    given are taken as they are.
+    """
+    if cores < 1:
+        raise ValueError(f"cores must be at least 1, got {cores}")
+    if workers is not None and threads is not None:
+        return workers, threads
+    if workers is not None:
+        return workers, max(1, cores - workers)
+    if threads is not None:
+        return max(0, cores - threads), threads
+    if on_gpu:
+        return cores - 1, 1
+    return cores // 2, cores - cores // 2
+
+
 def ordered_map(
     function: Callable,
     tasks: Sequence[tuple],

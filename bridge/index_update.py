@@ -307,7 +307,8 @@ def _prepare(
         return sha256, None
     if gpu_decode and gpu_decodable(data):
         return sha256, data
-    image, error = try_load_image(data)
+    # A JPEG is decoded only as large as the encoder's input needs (1/8 of a phone photo's sides).
+    image, error = try_load_image(data, short_side=preprocessing.short_side)
     if error is not None:
         return ImageLoadError(path, error.reason)  # the loader saw bytes; name the file
     return sha256, preprocessing([image])[0].numpy()

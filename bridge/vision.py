@@ -101,6 +101,13 @@ class Preprocessing:
             resize = round(resize * image_size / self.image_size)
         return Preprocessing(image_size, resize, self.mean, self.std)
 
+    @property
+    def short_side(self) -> int:
+        """The shortest side an image needs for this preprocessing to never upsample it: the resize's
+        shortest edge (the crop is cut from that), or the square side itself when the image is resized
+        straight to it. A decoder may shrink an image this far for free (images.load_image's short_side)."""
+        return self.resize_shortest_edge or self.image_size
+
     def processor_config(self) -> dict:
         """This preprocessing as a transformers BitImageProcessor config (what DINOv2 checkpoints ship)."""
         prep = self
