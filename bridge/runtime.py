@@ -41,7 +41,14 @@ class EncodeSettings:
         return self.device.type == "cuda"
 
 
-PRECISIONS = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# int8: the encoder's Linear layers dynamically quantised (torch.ao), a CPU precision; qint8 marks it.
+PRECISIONS = {
+    "auto": None,
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "int8": torch.qint8,
+}
 
 
 def encode_settings(
@@ -64,6 +71,8 @@ def encode_settings(
     if where.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was asked for but torch sees no GPU; use --device cpu")
     on_gpu = where.type == "cuda"
+    if precision == "int8" and where.type != "cpu":
+        raise ValueError("precision int8 (dynamic quantisation) runs on a CPU only; use --device cpu or bf16")
     dtype = PRECISIONS[precision]
     if dtype is None:
         dtype = (

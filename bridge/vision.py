@@ -237,10 +237,22 @@ class FrozenEncoder(nn.Module):
         queries from the same bridge in float32 on a CPU. (The feature cache keys on the dtype as well.)
         """
         self.fingerprint()
-        self.model.to(settings.device, settings.dtype)
+        if settings.dtype == torch.qint8:
+            self._quantise()
+        else:
+            self.model.to(settings.device, settings.dtype)
         if settings.compile:
             self.model.compile()  # in place: parameter names, and so saving and fingerprints, unchanged
         return self
+
+    def _quantise(self) -> None:
+        """int8 dynamic quantisation of the Linear layers (weights int8, activations quantised per batch),
+        on the CPU. Unlike bfloat16 this is another model, not another rounding of the same one, so its
+        fingerprint is another: a feature cache never mixes its features with float ones. (An index keys
+        on the bridge's fingerprint, saved with the bridge, so `dinobridge index` does not offer int8.)"""
+        self.model.to("cpu", torch.float32)
+        torch.ao.quantization.quantize_dynamic(self.model, {nn.Linear}, dtype=torch.qint8, inplace=True)
+        self._fingerprint = fingerprint(nn.Module(), json.dumps([self._fingerprint, "int8 dynamic Linear"]))
 
     @property
     def grid_hw(self) -> tuple[int, int]:

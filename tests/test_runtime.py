@@ -41,8 +41,8 @@ def test_settings_on_a_cpu_only_machine() -> None:
     assert not settings.gpu_decode and not settings.on_gpu
     assert encode_settings(precision="bf16").dtype == torch.bfloat16
     assert not encode_settings(gpu_decode=True).gpu_decode  # nothing to decode on
-    with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16, fp16, got 'int8'"):
-        encode_settings(precision="int8")
+    with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16, fp16, int8, got 'int4'"):
+        encode_settings(precision="int4")
     with pytest.raises(ValueError, match="device 'cuda' was asked for but torch sees no GPU"):
         encode_settings("cuda")
 
