@@ -171,7 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch threads of the encoder (default: the cores the decoding processes leave, at least 1)",
     )
     index.add_argument(
-        "--device", type=device_name, help="cpu, cuda, cuda:1, ... (default: the GPU if there is one)"
+        "--device",
+        type=device_name,
+        help="cpu, cuda, cuda:1, mps (default: a CUDA GPU, then MPS, then the CPU)",
     )
     index.add_argument(
         "--precision",
@@ -427,7 +429,8 @@ def _index(args) -> int:
     from bridge.runtime import encode_settings, processes
 
     state = processes()
-    device = args.device or str(state.device)  # under `accelerate launch`, this process's GPU
+    # Under `accelerate launch`, this process's GPU; alone, the first of CUDA, MPS, CPU (runtime.py).
+    device = args.device or (str(state.device) if state.num_processes > 1 else None)
     settings = encode_settings(device, args.precision, args.compile, args.batch_size)
     bridge = TextBridge.from_pretrained(args.model, args.adapter).to(settings.device)
     bridge.encoder.run_with(settings)

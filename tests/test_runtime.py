@@ -143,3 +143,33 @@ def test_a_batch_too_large_for_the_device_is_encoded_in_pieces(
         "a batch of 8 images does not fit in cpu's memory; encoding 4 at a time",
         "a batch of 4 images does not fit in cpu's memory; encoding 2 at a time",
     ]
+
+
+def test_the_default_device_is_cuda_then_mps_then_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bridge.cli import build_parser
+    from bridge.runtime import default_device
+
+    for cuda, mps, expected in [
+        (True, True, "cuda"),
+        (True, False, "cuda"),
+        (False, True, "mps"),
+        (False, False, "cpu"),
+    ]:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda mps=mps: mps)
+        assert default_device() == expected, (cuda, mps)
+    # A Mac: its GPU in float16, JPEGs decoded on the CPU (nvJPEG is CUDA's).
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    settings = encode_settings()
+    assert (settings.device.type, settings.dtype, settings.batch_size, settings.gpu_decode) == (
+        "mps",
+        torch.float16,
+        64,
+        False,
+    )
+    assert encode_settings("cpu").device.type == "cpu"  # asked for: kept
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="device 'mps' was asked for but torch sees no Apple GPU"):
+        encode_settings("mps")
+    command = ["index", "photos", "--model", "m", "--out", "idx", "--device", "mps"]
+    assert build_parser().parse_args(command).device == "mps"
