@@ -132,6 +132,8 @@ SEED = {"at_least": 0, "at_most": 2**32 - 1}
 # imports torch and so cannot be read here. bridge/vlm.py uses SELECT_STRATEGIES from here.
 LOSS_NAMES = ("infonce", "siglip")
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
+PRECISIONS = ("float32", "bf16", "fp16")  # what the LLM route's frozen weights are loaded in
+QUANTIZATIONS = ("none", "4bit")
 SELECT_STRATEGIES = ("default", "full")
 
 
@@ -323,6 +325,15 @@ class VLMTrainConfig:
     warmup_steps: int = checked(50, at_least=0)
     grad_accum: int = checked(1, at_least=1)
     mixed_precision: str = checked("no", one_of=MIXED_PRECISIONS)  # passed to accelerate
+    # The dtype the frozen encoder and LLM are loaded and kept in; the trained parts (projector, LoRA)
+    # stay float32, as peft and LLaVA keep them. bf16 halves the frozen weights (a 7B LLM: 14 GB, not 28).
+    precision: str = checked("float32", one_of=PRECISIONS)
+    # Recompute the LLM's activations in the backward pass instead of keeping them: less memory for
+    # about a third more compute (works with LoRA and the frozen input embedding).
+    gradient_checkpointing: bool = False
+    # "4bit": QLoRA, the frozen LLM loaded as 4-bit NF4 through bitsandbytes (CUDA only; a hub LLM;
+    # `pip install "dinobridge[qlora]"`), computing in train.precision.
+    quantization: str = checked("none", one_of=QUANTIZATIONS)
     seed: int = checked(0, **SEED)
     # Conversations held out for evaluation: a count, or a fraction if < 1.
     held_out: float = checked(200, at_least=0, check=_count_or_fraction)

@@ -67,9 +67,10 @@ def build_tokenizer(image_token: str = "<image>") -> transformers.PreTrainedToke
 
 
 def build_offline_llm(
-    config: LLMConfig,
+    config: LLMConfig, dtype: torch.dtype = torch.float32
 ) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerFast]:
-    """A random decoder of `config.architecture` (seeded) and the synthetic-world tokenizer."""
+    """A random decoder of `config.architecture` (seeded), built in `dtype`, and the synthetic-world
+    tokenizer."""
     tokenizer = build_tokenizer(config.image_token)
     architecture = dict(config.architecture)
     model_type = architecture.pop("model_type", "llama")
@@ -89,4 +90,6 @@ def build_offline_llm(
             f"llm.architecture {config.architecture} is not a transformers config: {error}"
         ) from None
     torch.manual_seed(config.seed)
-    return transformers.AutoModelForCausalLM.from_config(model_config, trust_remote_code=False), tokenizer
+    # Built in `dtype` from the start: a bf16 model never holds its float32 weights at once.
+    llm = transformers.AutoModelForCausalLM.from_config(model_config, dtype=dtype, trust_remote_code=False)
+    return llm, tokenizer

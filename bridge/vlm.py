@@ -93,12 +93,17 @@ class VisionLLM(nn.Module):
         self.image_token_id: int = tokenizer.convert_tokens_to_ids(self.image_token)
 
     @classmethod
-    def from_config(cls, config: VisionLLMConfig) -> VisionLLM:
+    def from_config(
+        cls, config: VisionLLMConfig, dtype: torch.dtype = torch.float32, quantization: str = "none"
+    ) -> VisionLLM:
         """A new VisionLLM with an untrained projector and a frozen LLM (LoRA attached if configured).
-        `config` is copied, never changed: the widths found go into the model's own `config`."""
+        `config` is copied, never changed: the widths found go into the model's own `config`.
+
+        The frozen encoder and LLM are loaded in `dtype` (the LLM as 4-bit NF4 with `quantization`
+        "4bit", computing in `dtype`); the projector, and LoRA adapters added later, stay float32."""
         config = copy.deepcopy(config)
-        encoder = FrozenEncoder.from_config(config.encoder)
-        llm, tokenizer = load_llm(config.llm)
+        encoder = FrozenEncoder.from_config(config.encoder).to(dtype)
+        llm, tokenizer = load_llm(config.llm, dtype, quantization)
         hidden_size = llm.config.get_text_config().hidden_size
         if config.projector.out_dim is not None and config.projector.out_dim != hidden_size:
             raise ConfigError(
@@ -122,6 +127,7 @@ class VisionLLM(nn.Module):
         settings = settings or LoraSettings()
         if isinstance(self.llm, peft.PeftModel):
             raise ConfigError("this VisionLLM already has LoRA adapters; merge them first (merged_llm)")
+        # peft keeps the adapters float32 over a bf16/fp16 base (autocast_adapter_dtype), as LLaVA trains them.
         lora = peft.LoraConfig(
             r=settings.r,
             lora_alpha=settings.alpha,
@@ -136,6 +142,19 @@ class VisionLLM(nn.Module):
                 f"LoRA target_modules {settings.target_modules} do not fit this LLM: {error}"
             ) from None
         self.config.lora = settings
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute the LLM's activations in the backward pass instead of keeping them (training only).
+
+        Non-reentrant checkpointing, so gradients reach the LoRA weights inside a checkpointed layer even
+        though the layer's text-token inputs come from a frozen embedding; the input embedding is also
+        made to require gradients, which the reentrant variant (and peft's k-bit preparation) needs."""
+        options = {"use_reentrant": False}
+        if hasattr(self.llm, "activation_checkpointing_enable"):  # transformers 5's name for it
+            self.llm.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+        else:
+            self.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+        self.llm.enable_input_require_grads()
 
     def merged_llm(self) -> transformers.PreTrainedModel:
         """The LLM with LoRA merged into its weights (a copy; this model keeps its adapters)."""
@@ -346,10 +365,12 @@ class VisionLLM(nn.Module):
             self.llm.save_pretrained(directory / ADAPTER_DIR, save_embedding_layers=False)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path) -> VisionLLM:
-        """The VisionLLM `save_pretrained` wrote to `directory`. What it cannot load (another kind of
-        model, a newer format, a damaged or mismatched file, a model needing custom code) is refused in
-        one line naming the file and the fix."""
+    def from_pretrained(
+        cls, directory: str | Path, dtype: torch.dtype = torch.float32, quantization: str = "none"
+    ) -> VisionLLM:
+        """The VisionLLM `save_pretrained` wrote to `directory` (frozen parts in `dtype`, as from_config).
+        What it cannot load (another kind of model, a newer format, a damaged or mismatched file, a model
+        needing custom code) is refused in one line naming the file and the fix."""
         directory = Path(directory)
         saved = read_saved_config(directory, VISION_LLM)
         config_file = directory / CONFIG_FILE
@@ -360,7 +381,7 @@ class VisionLLM(nn.Module):
             if part.name is not None:
                 refuse_custom_code(part.name)  # before seconds go into loading the other part
         lora, config.lora = config.lora, None
-        model = cls.from_config(config)
+        model = cls.from_config(config, dtype, quantization)
         model.load_projector(directory / WEIGHTS_FILE, config_file)
         if (directory / ADAPTER_DIR).is_dir():
             model.llm = peft.PeftModel.from_pretrained(model.llm, directory / ADAPTER_DIR)
@@ -375,15 +396,22 @@ class VisionLLM(nn.Module):
         )
 
 
-def load_llm(config: LLMConfig) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
-    """A causal LM and its tokenizer by hub name or local path (or the offline default), with the image
-    placeholder in the vocabulary."""
+def load_llm(
+    config: LLMConfig, dtype: torch.dtype = torch.float32, quantization: str = "none"
+) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
+    """A causal LM in `dtype` (or 4-bit, see `quantized`) and its tokenizer by hub name or local path (or
+    the offline default), with the image placeholder in the vocabulary."""
     if config.name is None:
-        return build_offline_llm(config)
+        if quantization != "none":
+            raise ConfigError(
+                f"train.quantization '{quantization}' loads a pretrained LLM in 4 bits, but llm.name is not "
+                "set (the offline LLM is built from a config); set llm.name, or train.quantization: none"
+            )
+        return build_offline_llm(config, dtype)
     with native_code_only(config.name):
         tokenizer = transformers.AutoTokenizer.from_pretrained(config.name, trust_remote_code=False)
         llm = transformers.AutoModelForCausalLM.from_pretrained(
-            config.name, dtype=torch.float32, trust_remote_code=False
+            config.name, dtype=dtype, trust_remote_code=False, **quantized(quantization, dtype)
         )
     if config.image_token not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [config.image_token]})
@@ -398,7 +426,31 @@ def load_llm(config: LLMConfig) -> tuple[transformers.PreTrainedModel, transform
                 id(m): m for m in (llm.get_input_embeddings(), llm.get_output_embeddings())
             }.values():
                 matrix.weight[vocabulary:] = matrix.weight[:vocabulary].mean(0)
+    if quantization != "none":
+        # QLoRA's preparation: norms and embeddings in float32, the 4-bit layers left as they are.
+        llm = peft.prepare_model_for_kbit_training(llm, use_gradient_checkpointing=False)
     return llm, tokenizer
+
+
+def quantized(quantization: str, dtype: torch.dtype) -> dict:
+    """from_pretrained's options for `quantization`: "4bit" is QLoRA's NF4 with double quantization,
+    computing in `dtype`, on this process's GPU (bitsandbytes needs CUDA; training/vlm.py refuses a CPU
+    before anything is loaded)."""
+    if quantization == "none":
+        return {}
+    try:
+        import bitsandbytes  # noqa: F401  (transformers needs it for the 4-bit layers)
+    except ImportError:
+        raise ConfigError(
+            f"train.quantization '{quantization}' needs bitsandbytes; pip install \"dinobridge[qlora]\""
+        ) from None
+    settings = transformers.BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+    )
+    return {"quantization_config": settings, "device_map": {"": torch.cuda.current_device()}}
 
 
 def pad(

@@ -148,6 +148,17 @@ def epoch_order(count: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(count, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
+def process_slice(batch: torch.Tensor, rank: int, world: int, what: str = "items") -> torch.Tensor:
+    """Process `rank`'s share of a global batch under `world` processes: its `len(batch) / world`
+    consecutive entries, so the processes together run the very batch one process would."""
+    if len(batch) % world:
+        raise ConfigError(
+            f"the global batch of {len(batch)} {what} does not split over {world} processes; set "
+            f"train.batch_size to a multiple of {world} (and no more than the training {what})"
+        )
+    return batch.view(world, -1)[rank]
+
+
 # --- the run directory -----------------------------------------------------------------------------------
 
 

@@ -8,14 +8,22 @@ same as the text route's, so `--resume` continues the same loss curve. A batch c
 of similar length (`train.sub_batches`): the same gradient, less padding. Stage 0 trains the whole LLM
 with the projector: only for the demo's tiny LLM, which starts with no language.
 
+Under `accelerate launch` each process runs its slice of every global batch through the trained parts
+wrapped for data parallelism (`TrainableParts`), its loss weighted by the global batch's answer tokens, so
+the averaged gradient is the one-process gradient of the same batch. The frozen base can be loaded in
+bf16/fp16 (`train.precision`) or 4-bit (`train.quantization`, QLoRA, CUDA only), the LLM's activations
+recomputed in the backward pass (`train.gradient_checkpointing`); docs/llm-route.md has the recipe.
+
 Not here: the model (bridge/vlm.py), data parsing (data.py), the demo (vlm_demo.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +53,7 @@ from training.loop import (
     check_out_dir,
     check_resume,
     epoch_order,
+    process_slice,
     run_cache_dir,
     run_loop,
     run_settings,
@@ -54,6 +63,7 @@ from training.loop import (
 log = logging.getLogger(__name__)
 
 IGNORE = -100  # label of tokens the loss skips: prompts, images, padding
+DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # train.precision
 
 
 @dataclass
@@ -137,7 +147,9 @@ def encode_conversation(model: VisionLLM, turns: Sequence[tuple[str, str]]) -> t
 
 
 class TrainableParts(nn.Module):
-    """What a stage updates, by name, so checkpoints hold those tensors and nothing frozen."""
+    """What a stage updates, by name, so checkpoints hold those tensors and nothing frozen; its forward
+    pass is the VisionLLM's loss, so that the module the loop wraps for data parallelism is the one that
+    runs, and its gradients are averaged over the processes."""
 
     def __init__(self, model: VisionLLM):
         super().__init__()
@@ -145,6 +157,24 @@ class TrainableParts(nn.Module):
         self.llm = nn.ParameterDict(
             {name.replace(".", "__"): p for name, p in model.llm.named_parameters() if p.requires_grad}
         )
+        # Held outside the module tree: wrapping, moving and checkpointing touch the trained parts only.
+        object.__setattr__(self, "model", model)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        features: VisionFeatures | None = None,
+    ) -> torch.Tensor:
+        """The mean loss over the answer tokens of a batch made by `training_inputs`."""
+        visual = self.model.visual_tokens(features) if features is not None else None
+        loss = self.model(input_ids, attention_mask, visual, labels).loss
+        if visual is None:
+            # A batch without images leaves the projector without a gradient, and DDP waits for one of
+            # every trained parameter: a zero gradient keeps the processes in step.
+            loss = loss + 0.0 * sum(p.sum() for p in self.projector.parameters())
+        return loss
 
 
 def check_settings(model: VisionLLM, config: VLMTrainConfig) -> None:
@@ -152,6 +182,41 @@ def check_settings(model: VisionLLM, config: VLMTrainConfig) -> None:
     check_stage(model, config.stage, config.freeze_projector)
     if config.sub_batches < 1:
         raise ConfigError(f"train.sub_batches is {config.sub_batches}; give 1 (whole batches) or more")
+    world = processes().num_processes
+    if config.batch_size % world:
+        raise ConfigError(
+            f"train.batch_size {config.batch_size} (the global batch) does not split over {world} "
+            f"processes; set train.batch_size to a multiple of {world}"
+        )
+    check_engine()
+
+
+def check_engine() -> None:
+    """Refuse the engines that shard parameters (FSDP, DeepSpeed ZeRO-3): they would shard the trained
+    parts apart from the LLM's modules that use them. DDP and ZeRO-2 keep every parameter whole."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        raise ConfigError(
+            "train-vlm does not run under FSDP (it would shard the LoRA weights away from the LLM's layers); "
+            "launch with DDP (configs/accelerate/ddp-bf16.yaml) or DeepSpeed ZeRO-2 "
+            "(configs/accelerate/deepspeed-zero2.yaml)"
+        )
+    if os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+        raise ConfigError(
+            "train-vlm does not run under DeepSpeed ZeRO-3 (it would shard the LoRA weights away from the "
+            "LLM's layers); use ZeRO-2 (configs/accelerate/deepspeed-zero2.yaml)"
+        )
+
+
+def check_quantization(config: VLMTrainConfig) -> None:
+    """Refuse 4-bit loading where bitsandbytes cannot run it, before any model is loaded."""
+    if config.quantization == "none":
+        return
+    if not torch.cuda.is_available() or processes().device.type != "cuda":
+        raise ConfigError(
+            f"train.quantization '{config.quantization}' (QLoRA) needs a CUDA GPU: bitsandbytes' 4-bit "
+            "layers do not run on a CPU; set train.quantization: none (and train.precision: bf16 to halve "
+            "the LLM's memory)"
+        )
 
 
 def check_stage(model: VisionLLM, stage: int, freeze_projector: bool = False) -> None:
@@ -197,17 +262,16 @@ def fit_vlm(
     under out_dir/checkpoints/."""
     check_settings(model, config)
     set_stage(model, config.stage, config.freeze_projector)
+    if config.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
     lengths = data.lengths(model.tokens_per_image())
 
     def micro_step(accelerator: Accelerator, trainable: nn.Module, batch: int) -> float:
         indices = batch_indices(
             len(data.conversations), config, batch, lengths if config.group_by_length else None
         )
-        return backward_batch(model, data, indices, lengths, config.sub_batches, accelerator)
+        return backward_batch(trainable, data, indices, lengths, config.sub_batches, accelerator)
 
-    # The forward pass runs through the VisionLLM, not through the module the loop wraps for data
-    # parallelism, so no gradient is averaged across processes: under `accelerate launch` each process
-    # trains the same copy on the same batches, and the main one alone writes the files.
     model.to(processes().device).train()
     losses = run_loop(
         TrainableParts(model), micro_step, config, out_dir, resume, progress, f"stage {config.stage}"
@@ -264,43 +328,69 @@ def _grouped_batches(lengths: tuple[int, ...], batch_size: int, seed: int, epoch
 
 
 def backward_batch(
-    model: VisionLLM,
+    trainable: nn.Module,
     data: ConversationData,
     indices: torch.Tensor,
     lengths: Sequence[int],
     parts: int,
     accelerator: Accelerator,
 ) -> float:
-    """Forward and backward passes of the batch `indices`, as at most `parts` sub-batches (sub_batches),
-    their gradients adding up in the trainable parameters; returns the batch's mean loss."""
-    loss = 0.0
-    for part, share in sub_batches(indices, lengths, parts, data):
-        with accelerator.autocast():
-            part_loss = model(**training_batch(model, data, part)).loss * share
-        accelerator.backward(part_loss)
-        loss += part_loss.item()
-    return loss
+    """Forward and backward passes of this process's slice of the global batch `indices`, as at most
+    `parts` sub-batches (sub_batches), their gradients adding up in the trained parameters; returns the
+    global batch's mean loss.
+
+    `trainable` is TrainableParts, wrapped for data parallelism under N processes. Each sub-batch's loss
+    is weighted by its share of the GLOBAL batch's answer tokens, and DDP averages the gradients over the
+    processes, so the loss each process backpropagates is `world` times its share: the averaged gradient
+    is then exactly the one-process gradient of the whole batch.
+    """
+    world, model = accelerator.num_processes, accelerator.unwrap_model(trainable).model
+    mine = process_slice(indices, accelerator.process_index, world, "conversations")
+    runs = sub_batches(mine, lengths, parts, data, total=answer_tokens(data, indices))
+    loss = torch.zeros((), device=accelerator.device)
+    for number, (part, share) in enumerate(runs):
+        # Gradients are averaged once, after the last sub-batch; every earlier one only adds its own.
+        wrapped = isinstance(trainable, nn.parallel.DistributedDataParallel)
+        last = number == len(runs) - 1
+        with contextlib.nullcontext() if last or not wrapped else accelerator.no_sync(trainable):
+            with accelerator.autocast():
+                part_loss = trainable(**training_inputs(model, data, part)) * share
+            accelerator.backward(part_loss * world)
+        loss += part_loss.detach().float()
+    return (accelerator.reduce(loss, "sum") if world > 1 else loss).item()
+
+
+def answer_tokens(data: ConversationData, indices: Sequence[int]) -> int:
+    """The answer tokens the loss counts in the conversations `indices` (the loss predicts every position
+    but the first, so a label there would not count)."""
+    return sum(label != IGNORE for i in indices for label in data.conversations[int(i)].labels[1:])
 
 
 def sub_batches(
-    indices: torch.Tensor, lengths: Sequence[int], parts: int, data: ConversationData
+    indices: torch.Tensor,
+    lengths: Sequence[int],
+    parts: int,
+    data: ConversationData,
+    total: int | None = None,
 ) -> list[tuple[list[int], float]]:
     """The batch `indices` as at most `parts` sub-batches of similar length, each with its share of the
-    batch's answer tokens.
+    answer tokens: of the batch's own, or of `total` (the global batch's, when `indices` is one process's
+    slice of it).
 
     A sub-batch pads only to its own longest conversation. Its mean loss times its share, summed over the
     sub-batches, is the whole batch's mean loss, so the gradient is the same (to float rounding) for fewer
     padding tokens computed.
     """
-    if parts == 1:  # the batch as it was drawn
-        return [([int(i) for i in indices], 1.0)]
-    chosen = sorted((int(i) for i in indices), key=lambda i: lengths[i])
-    runs = [chosen[start:end] for start, end in fewest_padding_runs([lengths[i] for i in chosen], parts)]
-    # the loss is predicted at every position but the first, so a label there would not count
-    answers = [
-        sum(label != IGNORE for i in run for label in data.conversations[i].labels[1:]) for run in runs
-    ]
-    total = sum(answers) or 1
+    chosen = [int(i) for i in indices]
+    if parts == 1 and total is None:  # the batch as it was drawn
+        return [(chosen, 1.0)]
+    if parts == 1:
+        runs = [chosen]
+    else:
+        chosen.sort(key=lambda i: lengths[i])
+        runs = [chosen[start:end] for start, end in fewest_padding_runs([lengths[i] for i in chosen], parts)]
+    answers = [answer_tokens(data, run) for run in runs]
+    total = (sum(answers) if total is None else total) or 1
     return [(run, count / total) for run, count in zip(runs, answers, strict=True) if count]
 
 
@@ -324,11 +414,20 @@ def fewest_padding_runs(sizes: Sequence[int], parts: int) -> list[tuple[int, int
 
 
 def training_batch(model: VisionLLM, data: ConversationData, indices) -> dict[str, torch.Tensor]:
-    """Right-padded ids, mask and labels with each placeholder expanded, and the images' visual tokens."""
+    """Right-padded ids, mask and labels with each placeholder expanded, and the images' visual tokens:
+    the VisionLLM's own inputs."""
+    inputs = training_inputs(model, data, indices)
+    features = inputs.pop("features")
+    return inputs | {"visual_tokens": model.visual_tokens(features) if features is not None else None}
+
+
+def training_inputs(model: VisionLLM, data: ConversationData, indices) -> dict:
+    """Right-padded ids, mask and labels with each placeholder expanded, and the images' cached features:
+    TrainableParts' inputs (the projector runs inside the module trained)."""
     chosen = [data.conversations[int(i)] for i in indices]
     rows = [row for item in chosen for row in item.image_rows]
-    visual = model.visual_tokens(data.features[rows]) if rows else None
-    per_image = visual.shape[1] if visual is not None else 0
+    features = data.features[rows] if rows else None
+    per_image = model.tokens_per_image() if rows else 0
     ids, labels = [], []
     for item in chosen:
         ids.append(model.expand_placeholders(item.ids, per_image))
@@ -344,8 +443,8 @@ def training_batch(model: VisionLLM, data: ConversationData, indices) -> dict[st
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
-        "visual_tokens": visual,
         "labels": label_ids,
+        "features": features,
     }
 
 
@@ -402,9 +501,14 @@ def train_vlm(
     check_out_dir(out_dir, resume, cache_dir)
     check_resume(out_dir, settings, resume)
     state.wait_for_everyone()  # every process has looked at out_dir before the main one writes to it
+    check_quantization(config.train)
     torch.manual_seed(config.train.seed)
     # The base, the config and the data are all read before the cache is the first thing written.
-    model = VisionLLM.from_pretrained(base) if base else VisionLLM.from_config(config.vlm)
+    # The frozen encoder and LLM load in the training precision; the trained parts stay float32.
+    loading = {"dtype": DTYPES[config.train.precision], "quantization": config.train.quantization}
+    model = (
+        VisionLLM.from_pretrained(base, **loading) if base else VisionLLM.from_config(config.vlm, **loading)
+    )
     if base and config.vlm.lora is not None and model.config.lora is None:
         model.config.lora = config.vlm.lora
     check_settings(model, config.train)
