@@ -590,6 +590,18 @@ def test_cli_search_says_when_the_index_is_empty_or_does_not_record_its_model(
     assert capsys.readouterr().out == f"index '{tmp_path / 'index'}' is empty\n"
 
 
+def test_several_queries_at_once_find_what_each_finds_alone() -> None:
+    # A server's concurrent searches go through one float32 product; one query through float16 + rescore.
+    vectors = np.random.default_rng(2).standard_normal((40_000, 32)).astype(np.float32)
+    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float16)
+    queries = np.random.default_rng(3).standard_normal((5, 32)).astype(np.float32)
+    together = exact_search(vectors, queries, 10)
+    for number, query in enumerate(queries):
+        scores, rows = exact_search(vectors, query[None], 10)
+        np.testing.assert_array_equal(together[1][number], rows[0])
+        np.testing.assert_allclose(together[0][number], scores[0], rtol=1e-5)
+
+
 def test_exact_search_and_rescore_agree_with_and_without_torch(monkeypatch: pytest.MonkeyPatch) -> None:
     # A one-shot text search runs these in NumPy (torch is never imported); a loaded process in torch.
     from bridge import search
