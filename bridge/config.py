@@ -182,7 +182,8 @@ def _adapter_targets(targets: list[str]) -> str | None:
 
 @dataclass
 class TextConfig:
-    # hf-clip | hf-siglip | open_clip | hf-encoder (any Hugging Face encoder, mean pooled). Checked against
+    # hf-clip | hf-siglip | open_clip | sentence-transformers (its modules.json: pooling, Dense, Normalize) |
+    # hf-encoder (any Hugging Face encoder, mean pooled; one with a modules.json follows it). Checked against
     # the tower registry when the tower is built, since a user may register a kind of their own.
     kind: str = "hf-encoder"
     name: str = "sentence-transformers/all-MiniLM-L6-v2"

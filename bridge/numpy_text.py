@@ -8,8 +8,9 @@ tokenizer.json through the `tokenizers` library, model.safetensors), and `dinobr
 well under a second.
 
 Two architectures have a NumPy twin, the ones the project's recipes and the offline default use:
-BERT-family `hf-encoder` towers (all-MiniLM-L6-v2 and most sentence-transformers models: post-norm
-layers, mean pooling over the tokens) and `hf-clip` towers (CLIPTextModelWithProjection: pre-norm causal
+BERT-family `hf-encoder` and `sentence-transformers` towers (all-MiniLM-L6-v2 and most
+sentence-transformers models: post-norm layers, then mean pooling, or the Pooling, Dense and Normalize
+modules the model's modules.json lists, as sentence_modules.py reads them) and `hf-clip` towers (CLIPTextModelWithProjection: pre-norm causal
 layers, the end-of-text token through the projection). Each computes in float32 what the torch tower
 computes, within float rounding; tests/test_numpy_text.py holds each against transformers. For anything
 else (other kinds or architectures, weights in another format or dtype, no tokenizer.json),
@@ -31,6 +32,7 @@ import numpy as np
 
 from bridge.config import BridgeConfig, ConfigError, TextConfig, from_dict, resolve_model_name
 from bridge.model_files import CONFIG_FILE, TEXT_BRIDGE, read_saved_config, refuse_custom_code
+from bridge.sentence_modules import DenseLayer, SentenceModules, read_sentence_modules
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +40,17 @@ log = logging.getLogger(__name__)
 class NumpyTower:
     """A tokenizer and a forward pass in NumPy; `encode(texts) -> (T, E)` float32, as TextTower.encode."""
 
-    def __init__(self, tokenizer, forward: Callable[[np.ndarray], np.ndarray], embed_dim: int):
+    def __init__(
+        self, tokenizer, forward: Callable[[np.ndarray], np.ndarray], embed_dim: int, lowercase: bool = False
+    ):
         self.tokenizer, self.forward, self.embed_dim = tokenizer, forward, embed_dim
+        self.lowercase = lowercase  # a sentence-transformers model's do_lower_case
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         # One text at a time: a query is a handful of texts, and unpadded inputs need no attention mask.
         embeddings = np.empty((len(texts), self.embed_dim), np.float32)
         for row, text in enumerate(texts):
+            text = text.lower() if self.lowercase else text
             embeddings[row] = self.forward(np.asarray(self.tokenizer.encode(text).ids, np.int64))
         return embeddings
 
@@ -88,13 +94,20 @@ class TextQueryEncoder:
 
 def numpy_tower(config: TextConfig) -> NumpyTower | None:
     """The NumPy twin of the tower `config` builds, or None when it has none (the reason is logged)."""
-    if config.kind not in ("hf-encoder", "hf-clip"):
+    if config.kind not in ("hf-encoder", "sentence-transformers", "hf-clip"):
         return _unsupported(config, f"kind '{config.kind}'")
     folder = Path(resolve_model_name(config.name))
+    if not folder.is_dir():
+        return _unsupported(config, f"'{config.name}' is not a local folder")
     try:
         refuse_custom_code(str(folder))
+        stack = read_sentence_modules(str(folder)) if config.kind != "hf-clip" else None
     except ConfigError as error:  # the torch tower refuses it too, and says why
         return _unsupported(config, str(error))
+    if stack is None and config.kind == "sentence-transformers":
+        return _unsupported(config, "no modules.json")  # the torch tower says what to do
+    if stack is not None:
+        folder = folder / stack.subfolder
     files = {name: folder / name for name in ("config.json", "tokenizer.json", "model.safetensors")}
     missing = [name for name, path in files.items() if not path.is_file()]
     if missing:
@@ -104,12 +117,15 @@ def numpy_tower(config: TextConfig) -> NumpyTower | None:
         weights = _read_float_weights(files["model.safetensors"])
     except (TypeError, ValueError) as error:  # bfloat16 and the like: NumPy has no such dtype
         return _unsupported(config, f"weights NumPy cannot read ({error})")
-    build = _bert if config.kind == "hf-encoder" else _clip
-    built = build(model_config, weights)
+    built = _clip(model_config, weights) if config.kind == "hf-clip" else _bert(model_config, weights)
     if isinstance(built, str):
         return _unsupported(config, built)
     forward, embed_dim, positions = built
-    return NumpyTower(_tokenizer(folder, model_config, config, positions), forward, embed_dim)
+    if config.kind != "hf-clip":  # the encoder's token states, pooled as the model says
+        forward, embed_dim = _sentence_head(forward, embed_dim, stack)
+    max_seq_length = stack.max_seq_length if stack is not None else None
+    tokenizer = _tokenizer(folder, model_config, config, positions, max_seq_length)
+    return NumpyTower(tokenizer, forward, embed_dim, lowercase=stack is not None and stack.lowercase)
 
 
 def _unsupported(config: TextConfig, reason: str) -> None:
@@ -123,15 +139,18 @@ def _read_float_weights(path: Path) -> dict[str, np.ndarray]:
     return {name: array.astype(np.float32) for name, array in load_file(path).items()}
 
 
-def _tokenizer(folder: Path, model_config: dict, config: TextConfig, positions: int):
+def _tokenizer(
+    folder: Path, model_config: dict, config: TextConfig, positions: int, max_seq_length: int | None = None
+):
     """tokenizer.json, truncating as the torch tower does: to the smallest of the config's max_length,
-    the tokenizer's model_max_length and the model's positions; never padding."""
+    a sentence-transformers model's max_seq_length, the tokenizer's model_max_length and the model's
+    positions; never padding."""
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
     settings = folder / "tokenizer_config.json"
     model_max = json.loads(settings.read_text()).get("model_max_length") if settings.is_file() else None
-    limits = [n for n in (model_max, positions) if isinstance(n, int) and n < 100_000]
+    limits = [n for n in (max_seq_length, model_max, positions) if isinstance(n, int) and n < 100_000]
     tokenizer.no_padding()
     tokenizer.enable_truncation(min([config.max_length or 10**9, *limits]))
     return tokenizer
@@ -141,7 +160,8 @@ def _tokenizer(folder: Path, model_config: dict, config: TextConfig, positions: 
 
 
 def _bert(model_config: dict, weights: dict[str, np.ndarray]):
-    """A BERT encoder, mean pooled: (forward, width, positions), or the reason it is not supported."""
+    """A BERT encoder, (L,) ids -> (L, D) token states: (forward, width, positions), or the reason it
+    is not supported."""
     if model_config.get("model_type") != "bert":
         return f"model_type '{model_config.get('model_type')}' (the NumPy twin knows 'bert')"
     if model_config.get("position_embedding_type", "absolute") != "absolute":
@@ -167,9 +187,48 @@ def _bert(model_config: dict, weights: dict[str, np.ndarray]):
             x = _layer_norm(x + attended, w, f"{p}attention.output.LayerNorm", eps)
             hidden = act(_linear(x, w, f"{p}intermediate.dense"))
             x = _layer_norm(x + _linear(hidden, w, f"{p}output.dense"), w, f"{p}output.LayerNorm", eps)
-        return x.mean(0)
+        return x
 
     return forward, w["embeddings.word_embeddings.weight"].shape[1], model_config["max_position_embeddings"]
+
+
+def _sentence_head(encoder: Callable, width: int, stack: SentenceModules | None) -> tuple[Callable, int]:
+    """The encoder's token states -> one embedding: mean pooled (a plain `hf-encoder`), or through the
+    Pooling, Dense and Normalize modules of a sentence-transformers model, as text.py's tower runs them.
+    One unpadded text has no padding to mask, so each pooling mode is a plain reduction over its tokens."""
+    pooling = stack.pooling if stack is not None else ("mean",)
+    dense = stack.dense if stack is not None else ()
+
+    def forward(ids: np.ndarray) -> np.ndarray:
+        tokens = encoder(ids)
+        embedding = np.concatenate([_POOLING[mode](tokens) for mode in pooling])
+        for layer in dense:
+            embedding = _dense(embedding, layer)
+        if stack is not None and stack.normalize:
+            embedding = embedding / max(float(np.linalg.norm(embedding)), 1e-12)
+        return embedding
+
+    return forward, dense[-1].weight.shape[0] if dense else len(pooling) * width
+
+
+def _weighted_mean(tokens: np.ndarray) -> np.ndarray:
+    weights = np.arange(1, len(tokens) + 1, dtype=np.float32)[:, None]
+    return (tokens * weights).sum(0) / weights.sum()
+
+
+_POOLING: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "cls": lambda tokens: tokens[0],
+    "lasttoken": lambda tokens: tokens[-1],
+    "max": lambda tokens: tokens.max(0),
+    "mean": lambda tokens: tokens.mean(0),
+    "mean_sqrt_len_tokens": lambda tokens: tokens.sum(0) / np.sqrt(np.float32(len(tokens))),
+    "weightedmean": _weighted_mean,
+}
+
+
+def _dense(x: np.ndarray, layer: DenseLayer) -> np.ndarray:
+    out = x @ layer.weight.T + (layer.bias if layer.bias is not None else 0)
+    return _DENSE_ACTIVATIONS[layer.activation](out).astype(np.float32)
 
 
 def _clip(model_config: dict, weights: dict[str, np.ndarray]):
@@ -251,4 +310,13 @@ _ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "gelu": lambda x: (0.5 * x * (1.0 + _erf(x.astype(np.float64) / math.sqrt(2.0)))).astype(np.float32),
     "gelu_new": lambda x: 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3))),
     "quick_gelu": lambda x: x / (1.0 + np.exp(-1.702 * x)),
+}
+# A Dense layer's activation, by the torch.nn class sentence-transformers names (sentence_modules.py).
+_DENSE_ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "Identity": lambda x: x,
+    "Tanh": np.tanh,
+    "ReLU": lambda x: np.maximum(x, 0),
+    "GELU": _ACTIVATIONS["gelu"],
+    "Sigmoid": lambda x: 1.0 / (1.0 + np.exp(-x)),
+    "SiLU": lambda x: x / (1.0 + np.exp(-x)),
 }

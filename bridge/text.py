@@ -1,9 +1,11 @@
 """Text towers: frozen text encoders whose embedding space a projector learns to reach.
 
-Four kinds, one interface (`encode(texts) -> (B, E)`, `embed_dim`, `context_length`):
+Five kinds, one interface (`encode(texts) -> (B, E)`, `embed_dim`, `context_length`):
 `hf-clip` (CLIPTextModelWithProjection), `hf-siglip` (SigLIP text model), `open_clip` (the text tower of
-any open_clip model; its image tower is dropped after loading) and `hf-encoder` (any Hugging Face
-encoder, mean pooled over real tokens, as sentence-transformers does; all-MiniLM-L6-v2 is one).
+any open_clip model; its image tower is dropped after loading), `sentence-transformers` (a model with a
+modules.json, embedded as `SentenceTransformer.encode` does: its pooling, Dense layers, Normalize and max
+length, read by sentence_modules.py) and `hf-encoder` (any Hugging Face encoder, mean pooled over real
+tokens; one with a modules.json, as all-MiniLM-L6-v2 has, is built as a `sentence-transformers` tower).
 Captions longer than the context are truncated and counted in `truncated`, never a crash.
 
 Not here: anything trained. Towers are frozen by default; the projector meets them in their space.
@@ -22,6 +24,7 @@ from tqdm.auto import tqdm
 
 from bridge.config import ConfigError, TextConfig, resolve_model_name
 from bridge.model_files import native_code_only
+from bridge.sentence_modules import read_sentence_modules
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +44,9 @@ def build_text_tower(config: TextConfig) -> TextTower:
         raise ConfigError(
             f"unknown text tower kind '{config.kind}'; known kinds: {', '.join(sorted(TOWERS))}"
         )
+    if config.kind == "hf-encoder" and read_sentence_modules(config.name) is not None:
+        # Pooling by hand would embed it differently from how it was trained: its modules decide.
+        return TOWERS["sentence-transformers"](config)
     return TOWERS[config.kind](config)
 
 
@@ -85,13 +91,17 @@ class _HFTokenizedTower(TextTower):
 
     padding: str | bool = True
 
-    def _load(self, model_class, name: str):
+    def _load(self, model_class, name: str, subfolder: str = "", max_seq_length: int | None = None):
         path = resolve_model_name(name)
+        where = {"subfolder": subfolder} if subfolder else {}
         with native_code_only(path):
-            self.tokenizer = transformers.AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-            self.model = model_class.from_pretrained(path, trust_remote_code=False)
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(
+                path, trust_remote_code=False, **where
+            )
+            self.model = model_class.from_pretrained(path, trust_remote_code=False, **where)
         self.model.eval().requires_grad_(False)
         limits = [
+            max_seq_length,
             self.tokenizer.model_max_length,
             getattr(self.model.config, "max_position_embeddings", None),
         ]
@@ -119,6 +129,76 @@ class HFEncoderTower(_HFTokenizedTower):
         tokens = self.model(**batch).last_hidden_state
         mask = batch["attention_mask"].unsqueeze(-1).to(tokens.dtype)
         return (tokens * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+@register_tower("sentence-transformers")
+class SentenceTransformerTower(_HFTokenizedTower):
+    """A sentence-transformers model as `SentenceTransformer.encode` runs it: the transformer, then the
+    Pooling, Dense and Normalize modules its modules.json lists, truncating at its max_seq_length."""
+
+    def __init__(self, config: TextConfig):
+        super().__init__(config)
+        modules = read_sentence_modules(config.name)
+        if modules is None:
+            raise ConfigError(
+                f"text tower '{config.name}' has no modules.json, so it is not a sentence-transformers "
+                "model; use kind 'hf-encoder' (mean pooling) for a plain transformers encoder"
+            )
+        self.stack = modules
+        self._load(transformers.AutoModel, config.name, modules.subfolder, modules.max_seq_length)
+        self.dense = nn.ModuleList(_dense_module(layer) for layer in modules.dense)
+        width = len(modules.pooling) * self.model.config.hidden_size
+        self.embed_dim = modules.dense[-1].weight.shape[0] if modules.dense else width
+
+    def get_extra_state(self) -> torch.Tensor:
+        # The pooling, activations, Normalize and max length decide the embeddings as much as the
+        # weights do, so they are part of the state every fingerprint of this tower hashes.
+        return torch.frombuffer(bytearray(self.stack.settings().encode()), dtype=torch.uint8)
+
+    def set_extra_state(self, state) -> None:
+        pass  # the settings come from the model's own files, never from a state dict
+
+    def _encode_batch(self, texts: list[str]) -> torch.Tensor:
+        if self.stack.lowercase:
+            texts = [text.lower() for text in texts]
+        batch = self._tokenize(texts)
+        tokens = self.model(**batch).last_hidden_state
+        embedding = torch.cat(
+            [_pool(tokens, batch["attention_mask"], mode) for mode in self.stack.pooling], -1
+        )
+        for layer in self.dense:
+            embedding = layer(embedding)
+        return nn.functional.normalize(embedding, dim=-1) if self.stack.normalize else embedding
+
+
+def _pool(tokens: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """(B, L, D) token states and their (B, L) mask -> (B, D), as sentence-transformers' Pooling."""
+    rows = torch.arange(len(tokens), device=tokens.device)
+    if mode == "cls":
+        return tokens[rows, mask.int().argmax(1)]  # the first real token: 0 unless padded on the left
+    if mode == "lasttoken":
+        last = mask.shape[1] - 1 - mask.flip(1).int().argmax(1)
+        return tokens[rows, last] * mask[rows, last, None]
+    weights = mask.unsqueeze(-1).to(tokens.dtype)
+    if mode == "max":
+        return tokens.masked_fill(weights == 0, float("-inf")).max(1).values
+    if mode == "weightedmean":
+        # Position weights 1, 2, ... from the first real token.
+        positions = torch.arange(1, tokens.shape[1] + 1, device=tokens.device, dtype=tokens.dtype)
+        weights = weights * (positions.view(1, -1, 1) - mask.int().argmax(1).view(-1, 1, 1))
+    total = (tokens * weights).sum(1)
+    count = weights.sum(1).clamp(min=1e-9)
+    return total / (count.sqrt() if mode == "mean_sqrt_len_tokens" else count)
+
+
+def _dense_module(layer) -> nn.Sequential:
+    linear = nn.Linear(layer.weight.shape[1], layer.weight.shape[0], bias=layer.bias is not None)
+    with torch.no_grad():
+        linear.weight.copy_(torch.from_numpy(layer.weight))
+        if layer.bias is not None:
+            linear.bias.copy_(torch.from_numpy(layer.bias))
+    activation = getattr(nn, layer.activation)()
+    return nn.Sequential(linear, activation).requires_grad_(False)
 
 
 @register_tower("hf-clip")
