@@ -52,6 +52,10 @@ def export_parquet(
         raise IsADirectoryError(
             f"'{path}' is a directory; give the Parquet file to write, e.g. {path}/index.parquet"
         )
+    if not path.parent.is_dir():  # said before pyarrow names the temporary file instead
+        raise FileNotFoundError(
+            f"cannot write '{path}': folder '{path.parent}' does not exist; create it first"
+        )
     views = {stored: index.store.view(stored) for stored in SPACES[space]}  # checksums verified here
     columns = [
         pa.field("id", pa.string()),

@@ -101,6 +101,8 @@ def test_export_refuses_a_directory_and_an_unknown_space(photo_index, tmp_path: 
     index, _ = photo_index
     assert dinobridge(["export", str(index.directory), str(tmp_path)]) == 2
     assert capsys.readouterr().err.startswith(f"dinobridge export: error: '{tmp_path}' is a directory")
+    assert dinobridge(["export", str(index.directory), str(tmp_path / "new" / "x.parquet")]) == 2
+    assert f"folder '{tmp_path / 'new'}' does not exist; create it first" in capsys.readouterr().err
     with pytest.raises(ValueError, match="space must be one of text, image, both, got 'patch'"):
         export_parquet(index, tmp_path / "x.parquet", space="patch")
     assert not list(tmp_path.iterdir())  # nothing written, not even a temporary file
