@@ -252,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.set_defaults(handler=_export)
     _add_llm_route_commands(commands)
+    _add_push_command(commands)
     return parser
 
 
@@ -727,6 +728,25 @@ def _demo_vlm(args) -> int:
 
     result = run_vlm_demo(args.out)
     print(result.report())
+    return 0
+
+
+def _add_push_command(commands) -> None:
+    push = commands.add_parser(
+        "push", help="upload a saved bridge or VisionLLM to the Hugging Face Hub, with a model card"
+    )
+    push.add_argument("model", help="a saved bridge or VisionLLM directory (a training run's --out)")
+    push.add_argument("repo_id", help="the Hub repository, owner/name (created if missing)")
+    push.add_argument("--private", action="store_true", help="create the repository private")
+    push.add_argument("--revision", help="the branch to push to (created if missing; default: main)")
+    push.set_defaults(handler=_push)
+
+
+def _push(args) -> int:
+    from bridge.hub import push_to_hub
+
+    url = push_to_hub(args.model, args.repo_id, private=args.private, revision=args.revision)
+    print(f"pushed {args.model} to {url}")
     return 0
 
 

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from bridge.adapters import DEFAULT_ADAPTER, Adapters, attach, merged
 from bridge.config import AdapterSettings, BridgeConfig, ConfigError, ProjectorConfig, from_dict, to_dict
 from bridge.fingerprint import fingerprint
+from bridge.hub import local_directory, push_model
 from bridge.images import load_image
 from bridge.model_files import CONFIG_FILE, TEXT_BRIDGE, read_saved_config, refuse_custom_code, saved_header
 from bridge.projectors import build_projector, check_widths
@@ -283,14 +284,17 @@ class TextBridge(nn.Module):
         save_file({k: v.cpu() for k, v in weights.items()}, directory / WEIGHTS_FILE)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, adapter: str | None = None) -> TextBridge:
-        """The bridge `save_pretrained` wrote to `directory`. What it cannot load (another kind of model,
-        a newer format, a damaged or mismatched file, a model needing custom code) is refused in one line
-        naming the file and the fix, before any weights are read.
+    def from_pretrained(
+        cls, directory: str | Path, adapter: str | None = None, *, revision: str | None = None
+    ) -> TextBridge:
+        """The bridge `save_pretrained` wrote to `directory`, or pushed to the Hub repo id `directory` (at
+        `revision`; through huggingface_hub's cache, bridge/hub.py). What it cannot load (another kind of
+        model, a newer format, a damaged or mismatched file, a model needing custom code) is refused in one
+        line naming the file and the fix, before any weights are read.
 
         `adapter`: the name of a LoRA adapter saved with it (bridge/adapters.py), loaded and active;
         None: the base bridge alone."""
-        directory = Path(directory)
+        directory = local_directory(directory, revision)
         saved = read_saved_config(directory, TEXT_BRIDGE)
         config_file = directory / CONFIG_FILE
         config = from_dict(BridgeConfig, saved["bridge"], str(config_file))
@@ -316,6 +320,11 @@ class TextBridge(nn.Module):
         if adapter is not None:
             attach(bridge).load(directory, adapter)
         return bridge
+
+    def push_to_hub(self, repo_id: str, private: bool = False, revision: str | None = None, **options) -> str:
+        """Upload this bridge to the Hub repo `repo_id` with a model card; returns the commit's URL.
+        `dinobridge push DIR` pushes a training run's directory, with its record (bridge/hub.py)."""
+        return push_model(self, repo_id, private=private, revision=revision, **options)
 
     def load_weights(self, path: str | Path, config_file: Path | None = None) -> None:
         """Load projector weights, temperature and bias from a safetensors file; never unpickles.

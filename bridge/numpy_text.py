@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from bridge.config import BridgeConfig, ConfigError, TextConfig, from_dict, resolve_model_name
+from bridge.hub import local_directory
 from bridge.model_files import CONFIG_FILE, TEXT_BRIDGE, read_saved_config, refuse_custom_code
 from bridge.sentence_modules import DenseLayer, SentenceModules, read_sentence_modules
 
@@ -69,9 +70,11 @@ class TextQueryEncoder:
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> TextQueryEncoder | None:
-        """The saved bridge's text side, or None when its tower has no NumPy twin or the bridge predates
-        saved fingerprints: use TextBridge.from_pretrained then."""
+        """The saved bridge's text side (a directory, or a Hub repo id as TextBridge.from_pretrained takes
+        it), or None when its tower has no NumPy twin or the bridge predates saved fingerprints: use
+        TextBridge.from_pretrained then."""
         try:
+            directory = local_directory(directory)  # a Hub repo id: its snapshot in the cache
             saved = read_saved_config(directory, TEXT_BRIDGE)
         except (ConfigError, OSError):
             return None  # TextBridge.from_pretrained says what is wrong with the folder

@@ -39,6 +39,7 @@ from bridge.config import (
     from_dict,
     to_dict,
 )
+from bridge.hub import local_directory, push_model
 from bridge.images import load_image
 from bridge.model import ENCODER_DIR, WEIGHTS_FILE, load_projector_weights, read_safetensors, saved_part
 from bridge.model_files import (
@@ -366,12 +367,18 @@ class VisionLLM(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | Path, dtype: torch.dtype = torch.float32, quantization: str = "none"
+        cls,
+        directory: str | Path,
+        dtype: torch.dtype = torch.float32,
+        quantization: str = "none",
+        *,
+        revision: str | None = None,
     ) -> VisionLLM:
-        """The VisionLLM `save_pretrained` wrote to `directory` (frozen parts in `dtype`, as from_config).
-        What it cannot load (another kind of model, a newer format, a damaged or mismatched file, a model
-        needing custom code) is refused in one line naming the file and the fix."""
-        directory = Path(directory)
+        """The VisionLLM `save_pretrained` wrote to `directory` (frozen parts in `dtype`, as from_config),
+        or pushed to the Hub repo id `directory` (at `revision`; through huggingface_hub's cache,
+        bridge/hub.py). What it cannot load (another kind of model, a newer format, a damaged or
+        mismatched file, a model needing custom code) is refused in one line naming the file and the fix."""
+        directory = local_directory(directory, revision)
         saved = read_saved_config(directory, VISION_LLM)
         config_file = directory / CONFIG_FILE
         config = from_dict(VisionLLMConfig, saved["vlm"], str(config_file))
@@ -387,6 +394,11 @@ class VisionLLM(nn.Module):
             model.llm = peft.PeftModel.from_pretrained(model.llm, directory / ADAPTER_DIR)
             model.config.lora = lora
         return model
+
+    def push_to_hub(self, repo_id: str, private: bool = False, revision: str | None = None, **options) -> str:
+        """Upload this VisionLLM to the Hub repo `repo_id` with a model card; returns the commit's URL.
+        `dinobridge push DIR` pushes a training run's directory, with its record (bridge/hub.py)."""
+        return push_model(self, repo_id, private=private, revision=revision, **options)
 
     def load_projector(self, path: str | Path, config_file: Path | None = None) -> None:
         """Load the projector's weights from a safetensors file; `config_file`, when they come with one, is
