@@ -210,20 +210,15 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("-k", type=positive_int, default=10, help="results to show (default: 10)")
     search.add_argument("--model", help="bridge directory (default: the one the index was built with)")
     search.add_argument("--json", action="store_true", help="print a JSON list of {path, score}")
+    search.add_argument(
+        "--adapter", help="the bridge's LoRA adapter to query through (default: the one that built the index)"
+    )
     search.set_defaults(handler=_search)
 
     serve = commands.add_parser(
         "serve", help="serve an index to a browser and a JSON API (loopback by default)"
     )
-    merge = commands.add_parser("merge", help="fold a bridge's LoRA adapter into a plain bridge")
-    merge.add_argument("model", help="a saved bridge directory holding adapters")
-    merge.add_argument("--adapter", required=True, help="the adapter to fold in")
-    merge.add_argument("--out", type=output_directory, required=True, help="directory for the plain bridge")
-    merge.set_defaults(handler=_merge)
     serve.add_argument("index", help="an index directory made by `dinobridge index`")
-    search.add_argument(
-        "--adapter", help="the bridge's LoRA adapter to query through (default: the one that built the index)"
-    )
     serve.add_argument("--model", help="bridge directory (default: the one the index was built with)")
     serve.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine)"
@@ -251,9 +246,18 @@ def build_parser() -> argparse.ArgumentParser:
         "both: the two, as columns embedding and image_embedding (default: text)",
     )
     export.set_defaults(handler=_export)
+    merge = commands.add_parser("merge", help="fold a bridge's LoRA adapter into a plain bridge")
+    merge.add_argument("model", help="a saved bridge directory holding adapters")
+    merge.add_argument("--adapter", required=True, help="the adapter to fold in")
+    merge.add_argument("--out", type=output_directory, required=True, help="directory for the plain bridge")
+    merge.set_defaults(handler=_merge)
     _add_llm_route_commands(commands)
     _add_push_command(commands)
     return parser
+
+
+def _add_adapter_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--adapter", help="a LoRA adapter saved with the bridge (default: the base bridge)")
 
 
 def _add_grounding_options(parser: argparse.ArgumentParser) -> None:
@@ -263,10 +267,6 @@ def _add_grounding_options(parser: argparse.ArgumentParser) -> None:
         help="cosine below which a pixel is background (default: bridge.grounding.DEFAULT_THRESHOLD)",
     )
     _add_map_options(parser)
-def _add_adapter_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--adapter", help="a LoRA adapter saved with the bridge (default: the base bridge)")
-
-
 
 
 def _add_map_options(parser: argparse.ArgumentParser) -> None:
@@ -447,6 +447,7 @@ def _index(args) -> int:
 
 
 def _search(args) -> int:
+    from bridge.adapters import adapter_with_fingerprint
     from bridge.index import ImageIndex
     from bridge.index_files import read_manifest
     from bridge.numpy_text import TextQueryEncoder
@@ -460,7 +461,6 @@ def _search(args) -> int:
     if model_dir is None:
         raise ValueError(
             f"index '{args.index}' does not record its model; pass the bridge directory (--model)"
-    from bridge.adapters import adapter_with_fingerprint
         )
     # A text-only query needs the bridge's text tower alone; run in NumPy when it can be, the search
     # never imports torch, which is most of a one-shot search's time (numpy_text.py).

@@ -154,8 +154,6 @@ def _some_modules(names: list[str]) -> str | None:
     return None if names else "name at least one module of the LLM to attach adapters to"
 
 
-@dataclass
-class EncoderConfig:
 # The parts of a text bridge a LoRA adapter can sit on (bridge/adapters.py).
 ADAPTER_TARGETS = ("projector",)
 
@@ -167,6 +165,8 @@ def _adapter_targets(targets: list[str]) -> str | None:
     return None
 
 
+@dataclass
+class EncoderConfig:
     # Hub name ("facebook/dinov2-base") or local directory. None builds `architecture` with random
     # weights (seeded by `seed`), the offline default.
     name: str | None = None
@@ -214,8 +214,6 @@ class BridgeConfig:
 
 
 @dataclass
-class TrainConfig:
-@dataclass
 class AdapterSettings:
     """A LoRA adapter on a trained text bridge (`dinobridge train --base DIR --lora`, bridge/adapters.py)."""
 
@@ -230,6 +228,8 @@ class AdapterSettings:
     train_temperature: bool = False
 
 
+@dataclass
+class TrainConfig:
     # infonce (CLIP, learnable temperature) | siglip (sigmoid, learnable bias)
     loss: str = checked("infonce", one_of=LOSS_NAMES)
     steps: int = checked(1500, at_least=1)
@@ -258,10 +258,10 @@ class AdapterSettings:
     hard_negative_words: list[list[str]] = checked(
         factory=list, check=_word_groups, example="[[circle, square, triangle]], a list of word groups"
     )
-
-
     # Set to train a LoRA adapter on a trained bridge (`--base DIR --lora`) instead of the projector.
     lora: AdapterSettings | None = None
+
+
 @dataclass
 class RunConfig:
     bridge: BridgeConfig = field(default_factory=BridgeConfig)

@@ -304,6 +304,7 @@ class ImageIndex:
         if bridge is not None and bridge is not self._bridge:
             if bridge.fingerprint() != self.fingerprint:
                 made_by = f" (saved at '{self.model_dir}')" if self.model_dir else ""
+                made_by += adapter_reason(self.model_dir, self.fingerprint, getattr(bridge, "adapter", None))
                 raise IndexMismatchError(
                     f"index '{self.directory}' was built by the bridge with fingerprint {self.fingerprint}"
                     f"{made_by}, but this bridge's fingerprint is {bridge.fingerprint()}; the embeddings of "
@@ -320,7 +321,6 @@ class ImageIndex:
         return self._bridge
 
 
-                made_by += adapter_reason(self.model_dir, self.fingerprint, getattr(bridge, "adapter", None))
 def embed_images(bridge: TextBridge, pixels: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """Preprocessed images (B, 3, S, S) on the encoder's device -> (text-space, DINOv2 CLS) embeddings,
     normalised float16, from one encoder pass: what an index stores and what an image query is."""
