@@ -18,12 +18,15 @@ Not here: running the transformer or the modules (text.py, numpy_text.py).
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from bridge.config import ConfigError, resolve_model_name
+
+log = logging.getLogger(__name__)
 
 MODULES_FILE = "modules.json"
 POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
@@ -186,11 +189,25 @@ def _model_file(name: str, file_name: str) -> str | None:
     if Path(name).is_dir():
         path = Path(name) / file_name
         return str(path) if path.is_file() else None
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
     from huggingface_hub.errors import EntryNotFoundError, HFValidationError, LocalEntryNotFoundError
 
     try:
+        cached = try_to_load_from_cache(name, file_name)
+        if isinstance(cached, str) or cached is not None:  # a path, or the cache's note that it is absent
+            return cached if isinstance(cached, str) else None
         return hf_hub_download(name, file_name)
-    except (EntryNotFoundError, LocalEntryNotFoundError, HFValidationError, OSError):
-        # Not in the repository, or not reachable: loading the model itself says what is missing.
+    except (EntryNotFoundError, HFValidationError):
+        return None  # not in the repository (or not a repository name: loading the model says so)
+    except (LocalEntryNotFoundError, OSError):
+        if file_name == MODULES_FILE and isinstance(try_to_load_from_cache(name, "config.json"), str):
+            # Offline or unreachable with the model cached but not this file: say so, since the tower then
+            # mean pools as a plain encoder, which may not be how the model was trained. (Nothing cached:
+            # loading the model fails with its own message.)
+            offline = "HF_HUB_OFFLINE=1" if constants.HF_HUB_OFFLINE else "the Hub is unreachable"
+            log.warning(
+                "cannot tell whether '%s' has a modules.json (%s); embedding it as a plain encoder",
+                name,
+                offline,
+            )
         return None

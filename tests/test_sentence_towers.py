@@ -109,3 +109,19 @@ def test_a_plain_encoder_is_not_a_sentence_transformers_model(tmp_path: Path) ->
         build_text_tower(TextConfig(kind="sentence-transformers", name=str(tmp_path / "bert")))
     tower = build_text_tower(TextConfig(kind="hf-encoder", name=str(tmp_path / "bert")))
     assert type(tower) is HFEncoderTower  # no modules.json: mean pooled by hand, as before
+
+
+def test_a_sentence_transformers_model_by_hub_name_from_the_offline_cache(tmp_path, monkeypatch) -> None:
+    """modules.json, the Pooling config and the Dense weights come through the hub cache as the
+    transformer's files do: the same embeddings as from the folder."""
+    from huggingface_hub import constants
+    from test_hub import lay_out_in_hub_cache
+
+    save_sentence_model(tmp_path, "cls", dense=True, normalize=True)
+    lay_out_in_hub_cache(tmp_path / "model", tmp_path / "cache", "someone/tiny-sentence-model")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    by_name = build_text_tower(TextConfig(name="someone/tiny-sentence-model"))
+    by_folder = build_text_tower(TextConfig(name=str(tmp_path / "model")))
+    assert isinstance(by_name, SentenceTransformerTower) and by_name.embed_dim == 16
+    np.testing.assert_array_equal(by_name.encode(TEXTS).numpy(), by_folder.encode(TEXTS).numpy())
