@@ -57,7 +57,7 @@ def build_index(directory: Path, images: int, real: int) -> tuple[list[str], lis
     from bridge.config import BridgeConfig
     from bridge.index import ImageIndex
     from bridge.model import TextBridge
-    from bridge.serve import image_id
+    from bridge.index_files import image_id
 
     folder, model = directory / "scenes", directory / "model"
     folder.mkdir()

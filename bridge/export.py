@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from bridge.index import ImageIndex
+from bridge.index_files import image_id
 
 # What each --space writes: the index's stored spaces (index_files.py) and the column each goes to.
 SPACES: dict[str, dict[str, str]] = {
@@ -44,7 +45,6 @@ def export_parquet(
         import pyarrow.parquet as pq
     except ImportError:  # an optional dependency: one line that says how to get it
         raise ValueError('exporting to Parquet needs pyarrow: pip install "dinobridge[export]"') from None
-    from bridge.serve import image_id  # the id `dinobridge serve` gives each image
 
     index = index if isinstance(index, ImageIndex) else ImageIndex.load(index)
     path = Path(path)

@@ -510,6 +510,12 @@ def _checksums(directory: Path, shard: Shard) -> dict[str, str]:
 # --- reading ----------------------------------------------------------------------------------------------
 
 
+def image_id(relative_path: str) -> str:
+    """The id of an indexed file (what `dinobridge serve` and `dinobridge export` call it): stable while the
+    file keeps its path, and no path in itself."""
+    return hashlib.blake2b(relative_path.encode("utf-8", "surrogateescape"), digest_size=8).hexdigest()
+
+
 def read_manifest(directory: Path) -> dict:
     """The manifest committed in `directory`, checked; one of format 1 reads as the current format, with
     shards that have no checksums. Raises DamagedManifestError saying what is wrong."""

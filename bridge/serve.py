@@ -16,7 +16,6 @@ Not here: the index and its queries (index.py), image decoding rules (images.py)
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import hmac
 import io
 import logging
@@ -38,7 +37,7 @@ from fastapi.staticfiles import StaticFiles
 
 from bridge.images import ImageLoadError, load_image
 from bridge.index import ImageIndex
-from bridge.index_files import MANIFEST, read_manifest
+from bridge.index_files import MANIFEST, image_id, read_manifest
 from bridge.numpy_text import TextQueryEncoder
 from bridge.search import choose_backend
 
@@ -110,11 +109,6 @@ def search_query(
     offset: Annotated[int, Query(ge=0, description="results to skip: where this page starts")] = 0,
 ) -> SearchQuery:
     return SearchQuery(q or [], minus or [], like or None, k, offset)
-
-
-def image_id(relative_path: str) -> str:
-    """The id of an indexed file: stable while the file keeps its path, and no path in itself."""
-    return hashlib.blake2b(relative_path.encode("utf-8", "surrogateescape"), digest_size=8).hexdigest()
 
 
 class RememberedTexts:
