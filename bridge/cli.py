@@ -553,6 +553,8 @@ def _demo_grounding(args) -> int:
 def _train(args) -> int:
     from training.align import train_text_bridge
 
+    # The feature cache's size is shown before it is filled, -v or not: a user sees what a run will write.
+    logging.getLogger("training.cache").setLevel(logging.INFO)
     config = load_config(args.config) if args.config else RunConfig()
     if args.steps is not None:
         config.train.steps = args.steps

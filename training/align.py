@@ -116,6 +116,7 @@ class AlignmentData:
             train, held_out = held_out_split(pairs, config.held_out, config.seed)
         feature_cache = FeatureCache(cache_dir, bridge.encoder)
         text_cache = TextCache(cache_dir, bridge.tower, progress)
+        feature_cache.check_room(train + held_out)  # a cache the disk cannot hold fails before encoding
         parts = [
             feature_cache.features(split, workers=config.num_workers, progress=progress)
             for split in (train, held_out)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,6 +38,11 @@ log = logging.getLogger(__name__)
 CHUNK_SIZE = 4096  # images per chunk file: what a killed run can lose at most
 
 CACHE_ENV = "DINOBRIDGE_CACHE"
+
+# Room a cache fill leaves free beyond its own estimate: the caption embeddings, a chunk's temporary copy,
+# checkpoints and whatever else shares the disk.
+FREE_MARGIN_FRACTION = 0.10
+FREE_MARGIN_BYTES = 64 * 2**20
 
 
 def user_cache_dir() -> Path:
@@ -132,14 +138,43 @@ class FeatureCache:
         self.store = _Chunks(self.directory, ("cls", "registers", "patches"))
         self.failures_file = self.directory / "failures.json"
 
+    def check_room(self, pairs: Sequence[Pair]) -> int:
+        """Bytes the features of `pairs` not cached yet will take; logged in one line, and refused with a
+        ConfigError before any encoding when the cache's disk lacks that room (plus a margin).
+
+        Every token is kept (CLS, registers, patches) in float16: a DINOv2-B/14 at 224 px stores
+        257 x 768 x 2 bytes = 0.39 MB an image, 47 GB for COCO's 118k images.
+        """
+        images = len(self._missing(pairs)[1])
+        if not images:
+            return 0
+        height, width = self.encoder.grid_hw
+        tokens = 1 + self.encoder.num_registers + height * width
+        size = images * tokens * self.encoder.hidden_size * np.dtype(np.float16).itemsize
+        log.info(
+            "feature cache: %s images x %d tokens x %d float16 = %s in %s",
+            f"{images:,}",
+            tokens,
+            self.encoder.hidden_size,
+            _readable_size(size),
+            self.directory,
+        )
+        free = shutil.disk_usage(self.directory).free
+        if size * (1 + FREE_MARGIN_FRACTION) + FREE_MARGIN_BYTES > free:
+            raise ConfigError(
+                f"the feature cache of {images:,} images x {tokens} tokens x {self.encoder.hidden_size} "
+                f"float16 needs {_readable_size(size)} in '{self.directory}', but that disk has "
+                f"{_readable_size(free)} free; train on fewer tokens (pooled features) or give a "
+                "train.cache_dir on a larger disk"
+            )
+        return size
+
     def features(
         self, pairs: Sequence[Pair], batch_size: int = 64, workers: int = 0, progress: bool = True
     ) -> CachedFeatures:
         """Features for every pair whose image loads; missing ones are computed and cached first."""
-        failed = json.loads(self.failures_file.read_text()) if self.failures_file.exists() else {}
+        failed, todo = self._missing(pairs)
         keys = [pair.key for pair in pairs]
-        todo = [p for p, k in zip(pairs, keys, strict=True) if k not in self.store.where and k not in failed]
-        todo = list({p.key: p for p in todo}.values())  # an image named twice is encoded once
         if todo:
             failed.update(self._compute(todo, batch_size, workers, progress))
             _write_json_atomically(self.failures_file, failed)
@@ -156,6 +191,12 @@ class FeatureCache:
             self.encoder.grid_hw,
             self.encoder.layer,
         )
+
+    def _missing(self, pairs: Sequence[Pair]) -> tuple[dict[str, str], list[Pair]]:
+        """(the images known to fail, key -> reason; the pairs whose features are still to compute)."""
+        failed = json.loads(self.failures_file.read_text()) if self.failures_file.exists() else {}
+        todo = [p for p in pairs if p.key not in self.store.where and p.key not in failed]
+        return failed, list({p.key: p for p in todo}.values())  # an image named twice is encoded once
 
     def _compute(self, pairs: list[Pair], batch_size: int, workers: int, progress: bool) -> dict[str, str]:
         failed: dict[str, str] = {}
@@ -234,6 +275,11 @@ def _decode_batch(
         except OSError as error:  # a file that vanished or went unreadable after the data set was read
             decoded.append((None, str(error)))
     return decoded
+
+
+def _readable_size(size: int) -> str:
+    """A size as people read a disk's: GB (10^9 bytes), MB below a tenth of one."""
+    return f"{size / 1e9:,.2f} GB" if size >= 1e8 else f"{size / 1e6:,.2f} MB"
 
 
 def _write_json_atomically(path: Path, data) -> None:
