@@ -242,7 +242,8 @@ class TrainConfig:
     mixed_precision: str = checked("no", one_of=MIXED_PRECISIONS)  # passed to accelerate
     seed: int = checked(0, **SEED)
     # Images held out of training for evaluation during and after training: a count or a fraction.
-    held_out: float = checked(500, at_least=0, check=_count_or_fraction)
+    # null (the default): a tenth of the pairs, at most 500 (synthetic:N holds out 500 new scenes).
+    held_out: float | None = checked(None, at_least=0, check=_count_or_fraction)
     eval_every: int = checked(500, at_least=0)  # 0: only after training
     checkpoint_every: int = checked(500, at_least=0)  # 0: no checkpoints
     # Frozen-feature cache directory; None puts it under the run's output directory.

@@ -76,7 +76,7 @@ BAD_VALUES = [
         "train:\n  steps: 99999999999999999999\n",
         "train.steps is 99999999999999999999; it must be at most 9.2e+18 in size",
     ),
-    ("train:\n  held_out: -1\n", "train.held_out is -1; it must be a number >= 0"),
+    ("train:\n  held_out: -1\n", "train.held_out is -1; it must be a number >= 0, or null"),
     (
         "train:\n  held_out: 2.5\n",
         "train.held_out is 2.5; a value of 1 or more is a count and must be whole; give 2, or a fraction below 1",

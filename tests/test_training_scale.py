@@ -8,12 +8,16 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pytest
+from conftest import tiny_bridge_config
 
 import training.cache
 from bridge.cli import main
+from bridge.config import RunConfig, TrainConfig
 from bridge.synthetic import SyntheticWorld
+from training.align import AlignmentData, train_text_bridge
 from training.cache import FeatureCache
-from training.data import load_pairs
+from training.data import DataError, held_out_count, held_out_split, load_pairs
 
 TINY_TRAIN = dict(batch_size=8, eval_every=0, checkpoint_every=0, warmup_steps=1, lr=1e-2)
 
@@ -74,3 +78,29 @@ def test_a_cache_the_disk_cannot_hold_is_refused_before_any_encoding(tmp_path, m
     # The size was shown first, without -v, and nothing was encoded or written.
     assert "feature cache: 16 images x 17 tokens x 32 float16 = 0.02 MB in " in caplog.text
     assert cached_arrays(tmp_path) == [] and not (out / "run_config.json").exists()
+
+
+# --- the held-out split -----------------------------------------------------------------------------------
+
+
+def test_the_default_held_out_split_is_a_tenth_capped_at_500():
+    assert [held_out_count(None, total) for total in (5, 120, 4_000, 118_287)] == [0, 12, 400, 500]
+    assert held_out_count(30, 120) == 30 and held_out_count(0.25, 120) == 30  # a user's value as given
+    pairs = list(range(120))
+    with pytest.raises(DataError, match="held_out=120 leaves no training data out of 120 pairs"):
+        held_out_split(pairs, 120, seed=0)
+
+
+def test_120_pairs_train_with_the_default_split_and_hold_out_12(tmp_path, tiny_bridge):
+    data = str(write_pairs(tmp_path, 120))
+    config = RunConfig(
+        bridge=tiny_bridge_config(width=32, num_heads=2), train=TrainConfig(steps=3, **TINY_TRAIN)
+    )
+    assert config.train.held_out is None
+    # The run's own cache folder, which the run then reads instead of encoding again.
+    split = AlignmentData.prepare(tiny_bridge, data, config.train, tmp_path / "run" / "cache", progress=False)
+    train_images = {pair.image for pair in split.train.features.pairs}
+    held_images = {pair.image for pair in split.held_out.features.pairs}
+    assert (len(train_images), len(held_images)) == (108, 12) and not train_images & held_images
+    _, result = train_text_bridge(config, data, tmp_path / "run", progress=False)
+    assert len(result.losses) == 3 and 0 <= result.metrics["text_to_image_R@1"] <= 1

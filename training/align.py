@@ -25,7 +25,7 @@ from bridge.config import ConfigError, RunConfig, TrainConfig
 from bridge.model import TextBridge
 from bridge.runtime import encode_settings, processes
 from training.cache import CachedFeatures, FeatureCache, TextCache
-from training.data import held_out_split, load_pairs, parse_synthetic_spec, synthetic_pairs
+from training.data import HELD_OUT_CAP, held_out_split, load_pairs, parse_synthetic_spec, synthetic_pairs
 from training.evaluate import retrieval_recall
 from training.loop import (
     check_out_dir,
@@ -104,12 +104,15 @@ class AlignmentData:
         """Read the data set, split off the held-out pairs, and fill the caches.
 
         For `synthetic:N` the held-out scenes are new ones with distinct descriptions, so each caption
-        has exactly one right image in the gallery; a file data set gives up `held_out` of its pairs.
+        has exactly one right image in the gallery; a file data set gives up `held_out` of its pairs
+        (unset: a tenth, at most 500).
         """
         pairs = load_pairs(data, image_root)
         if data.startswith("synthetic:"):
             _, seed = parse_synthetic_spec(data)
-            count = int(config.held_out if config.held_out >= 1 else config.held_out * len(pairs))
+            # New scenes take nothing from training: unset, the held-out gallery is the full HELD_OUT_CAP.
+            held_out = HELD_OUT_CAP if config.held_out is None else config.held_out
+            count = int(held_out if held_out >= 1 else held_out * len(pairs))
             # Far past any training index, so no held-out scene was seen in training.
             train, held_out = pairs, synthetic_pairs(count, seed=seed, start=10**7, distinct=True)
         else:

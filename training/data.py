@@ -94,9 +94,21 @@ def synthetic_object_phrases(count: int, seed: int = 0, start: int = 0) -> list[
     ]
 
 
-def held_out_split(pairs: list[Pair], held_out: float, seed: int) -> tuple[list[Pair], list[Pair]]:
-    """(train, held-out): a seeded shuffle, then `held_out` pairs (a count, or a fraction if < 1) aside."""
-    count = round(len(pairs) * held_out) if held_out < 1 else int(held_out)
+# The held-out split when a config leaves `held_out` unset: a tenth of the data, at most this many, so a
+# user's 120 pairs keep 108 to train on and COCO still holds out an evaluation set of 500.
+HELD_OUT_CAP = 500
+
+
+def held_out_count(held_out: float | None, total: int) -> int:
+    """How many of `total` items `held_out` sets aside: a count, a fraction if < 1, None: the default."""
+    if held_out is None:
+        return min(HELD_OUT_CAP, total // 10)
+    return round(total * held_out) if held_out < 1 else int(held_out)
+
+
+def held_out_split(pairs: list[Pair], held_out: float | None, seed: int) -> tuple[list[Pair], list[Pair]]:
+    """(train, held-out): a seeded shuffle, then `held_out` pairs (`held_out_count`) aside."""
+    count = held_out_count(held_out, len(pairs))
     if not 0 <= count < len(pairs):
         raise DataError(f"held_out={held_out} leaves no training data out of {len(pairs)} pairs; lower it")
     order = list(range(len(pairs)))
