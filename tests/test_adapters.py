@@ -201,3 +201,19 @@ def test_adapter_mistakes_are_one_line_each(base, two_adapters, tmp_path, capsys
     with pytest.raises(ConfigError, match="train.lora.targets"):
         load_config(bad)
     assert DEFAULT_ADAPTER_NAME == adapters.DEFAULT_ADAPTER
+
+
+@pytest.mark.slow
+def test_domain_shift_demo_adapter_learns_the_new_domain_and_leaves_the_base_when_off(tmp_path):
+    """training/adapt_demo.py at a small size (a few minutes on 2 busy cores)."""
+    from training.adapt_demo import run_adapt_demo
+
+    result = run_adapt_demo(
+        tmp_path, base_scenes=600, new_pairs=400, gallery=100, base_steps=80, adapt_steps=60, progress=False
+    )
+    base, on, off = (result.row(name) for name in ("base", "adapter on", "adapter off"))
+    assert result.adapter_off_bitwise
+    assert (off.new_r1, off.old_r1) == (base.new_r1, base.old_r1)
+    assert on.new_r1 > base.new_r1 + 0.03, result.report()
+    assert 0 < on.trained < 0.2 * result.projector_parameters
+    assert TextBridge.from_pretrained(result.bridge_dir, adapter="new").adapter == "new"
