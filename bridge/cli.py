@@ -162,8 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument(
         "--workers",
         type=non_negative_int,
-        help="decoding processes (default on a CPU: half the cores, the rest encode; on a GPU: one per "
-        "core, less one; 0: decode in this process)",
+        help="decoding processes (default on a CPU: none up to 2 cores, else half of them, the rest "
+        "encode; on a GPU: one per core, less one; 0: decode in this process)",
     )
     index.add_argument(
         "--threads",

@@ -145,14 +145,15 @@ def split_cores(
 ) -> tuple[int, int]:
     """(decode worker processes, torch threads of the encoding process) for `cores` cores.
 
-    On a CPU the two share the cores, never more than there are (workers + threads <= cores): a
-    thread more than the cores makes the encoder's matmuls wait for each other and the decoders (torch's
-    threads spin at barriers), which cost 2-3x on a loaded 2-core machine. With reduced-scale JPEG
-    decoding a phone photo takes about as long to decode as to encode (benchmarks/RESULTS.md, "Indexing
-    a phone's photos on a CPU"), so half the cores go to each, the odd one to the encoder; one core
-    decodes between batches in the one process. On a GPU the encoder needs one thread to feed it, and
-    every other core decodes. An override of either fills the rest of the cores with the other; both
-    given are taken as they are.
+    On a CPU the two share the cores, never more than there are (workers + threads <= cores): a thread
+    more than the cores makes the encoder's matmuls and the decoders wait for each other. On one or two
+    cores no worker: the one process decodes (at reduced scale) between batches and torch has every
+    core; measured on 2 cores this beat one worker beside one thread by 1.5-3x (benchmarks/RESULTS.md,
+    "Indexing a phone's photos on a CPU"): a worker costs a second process's start-up (seconds) and
+    leaves the encoder one core. On more cores half go to decoding, the odd one to the encoder (not
+    measured here: no such machine). On a GPU the encoder needs one thread to feed it and every other
+    core decodes. An override of either fills the rest of the cores with the other; both given are
+    taken as they are.
     """
     if cores < 1:
         raise ValueError(f"cores must be at least 1, got {cores}")
@@ -164,6 +165,8 @@ def split_cores(
         return max(0, cores - threads), threads
     if on_gpu:
         return cores - 1, 1
+    if cores <= 2:
+        return 0, cores
     return cores // 2, cores - cores // 2
 
 

@@ -126,8 +126,9 @@ def test_the_default_split_never_exceeds_the_cores(cores: int, on_gpu: bool) -> 
     workers, threads = split_cores(cores, on_gpu)
     assert workers >= 0 and threads >= 1
     assert workers + threads <= cores
-    if not on_gpu and cores >= 2:
-        assert workers >= 1 and threads >= workers  # both halves used, the odd core to the encoder
+    if not on_gpu:
+        assert workers + threads == cores  # every core used
+        assert workers == (0 if cores <= 2 else cores // 2)  # small machines decode between batches
 
 
 @pytest.mark.parametrize("cores", [1, 2, 4, 16])
