@@ -135,6 +135,7 @@ MIXED_PRECISIONS = ("no", "bf16", "fp16")
 PRECISIONS = ("float32", "bf16", "fp16")  # what the LLM route's frozen weights are loaded in
 QUANTIZATIONS = ("none", "4bit")
 SELECT_STRATEGIES = ("default", "full")
+REPORT_TO = ("none", "tensorboard", "wandb")  # accelerate's trackers a run logs to, besides train_log.jsonl
 
 
 def _count_or_fraction(value: float) -> str | None:
@@ -246,6 +247,9 @@ class TrainConfig:
     held_out: float | None = checked(None, at_least=0, check=_count_or_fraction)
     eval_every: int = checked(500, at_least=0)  # 0: only after training
     checkpoint_every: int = checked(500, at_least=0)  # 0: no checkpoints
+    # Where loss, learning rate and held-out metrics are logged besides train_log.jsonl: tensorboard
+    # (event files in the run directory) or wandb (offline unless WANDB_MODE is set or you are logged in).
+    report_to: str = checked("none", one_of=REPORT_TO)
     # Frozen-feature cache directory; None puts it under the run's output directory.
     cache_dir: str | None = None
     num_workers: int = checked(0, at_least=0)  # image decoding workers while filling the cache
@@ -340,6 +344,7 @@ class VLMTrainConfig:
     # Conversations held out for evaluation: a count, or a fraction if < 1.
     held_out: float = checked(200, at_least=0, check=_count_or_fraction)
     checkpoint_every: int = checked(500, at_least=0)  # 0: no checkpoints
+    report_to: str = checked("none", one_of=REPORT_TO)  # as TrainConfig.report_to
     cache_dir: str | None = None  # frozen-feature cache; None puts it under the output directory
     num_workers: int = checked(0, at_least=0)
 

@@ -100,8 +100,8 @@ BAD_VALUES = [
     (
         "train: null\n",
         "train is null; it must be a mapping of loss, steps, batch_size, lr, weight_decay, "
-        "warmup_steps, grad_accum, mixed_precision, seed, held_out, eval_every, checkpoint_every, cache_dir, "
-        "num_workers, dense_weight, hard_negative_words",
+        "warmup_steps, grad_accum, mixed_precision, seed, held_out, eval_every, checkpoint_every, report_to, "
+        "cache_dir, num_workers, dense_weight, hard_negative_words",
     ),
     ("bridge: [encoder]\n", "bridge is ['encoder']; it must be a mapping of encoder, text, projector"),
     (

@@ -12,12 +12,14 @@ import pytest
 from conftest import tiny_bridge_config
 
 import training.cache
+import training.loop
 from bridge.cli import main
 from bridge.config import RunConfig, TrainConfig
 from bridge.synthetic import SyntheticWorld
 from training.align import AlignmentData, train_text_bridge
 from training.cache import FeatureCache
 from training.data import DataError, held_out_count, held_out_split, load_pairs
+from training.loop import TRACKER_PROJECT, start_trackers
 
 TINY_TRAIN = dict(batch_size=8, eval_every=0, checkpoint_every=0, warmup_steps=1, lr=1e-2)
 
@@ -104,3 +106,81 @@ def test_120_pairs_train_with_the_default_split_and_hold_out_12(tmp_path, tiny_b
     assert (len(train_images), len(held_images)) == (108, 12) and not train_images & held_images
     _, result = train_text_bridge(config, data, tmp_path / "run", progress=False)
     assert len(result.losses) == 3 and 0 <= result.metrics["text_to_image_R@1"] <= 1
+
+
+# --- trackers -----------------------------------------------------------------------------------------
+
+
+def test_a_tensorboard_run_logs_every_step_as_train_log_jsonl_does(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    config = RunConfig(
+        bridge=tiny_bridge_config(width=32, num_heads=2),
+        train=TrainConfig(steps=20, held_out=8, report_to="tensorboard", **{**TINY_TRAIN, "eval_every": 10}),
+    )
+    out = tmp_path / "run"
+    _, result = train_text_bridge(config, "synthetic:32", out, progress=False)
+    logged = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    events = EventAccumulator(str(out / TRACKER_PROJECT))
+    events.Reload()
+    losses = events.Scalars("train/loss")
+    assert [event.step for event in losses] == list(range(1, 21)) == [line["step"] for line in logged]
+    # TensorBoard keeps float32: the same numbers to float32's precision.
+    assert [event.value for event in losses] == pytest.approx([line["loss"] for line in logged], rel=1e-6)
+    assert [e.value for e in events.Scalars("train/lr")] == pytest.approx([x["lr"] for x in logged], rel=1e-6)
+    recall = events.Scalars("held_out/text_to_image_R@1")
+    assert [event.step for event in recall] == [10, 20]  # where the trainer evaluates: eval_every and the end
+    assert recall[-1].value == pytest.approx(result.metrics["text_to_image_R@1"], rel=1e-6)
+    assert json.loads((out / "metrics.json").read_text()) == result.metrics
+
+
+def test_a_tracker_is_checked_before_any_work(tmp_path, monkeypatch, capsys):
+    from bridge.config import ConfigError, load_config
+
+    (tmp_path / "bad.yaml").write_text("train:\n  report_to: mlflow\n")
+    with pytest.raises(
+        ConfigError, match=r"train.report_to is 'mlflow'; it must be one of none, tensorboard, wandb"
+    ):
+        load_config(tmp_path / "bad.yaml")
+    find_spec = training.loop.importlib.util.find_spec
+    monkeypatch.setattr(
+        training.loop.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "wandb" else find_spec(name, *a),
+    )
+    (tmp_path / "run.yaml").write_text("train:\n  report_to: wandb\n")
+    out = tmp_path / "run"
+    code = main(
+        ["train", "--config", str(tmp_path / "run.yaml"), "--data", "synthetic:16", "--out", str(out)]
+    )
+    assert code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "dinobridge train: error: train.report_to is 'wandb' but the wandb package is not installed; "
+        "pip install wandb, or set train.report_to: none"
+    )
+    assert not out.exists()
+
+
+def test_wandb_stays_offline_without_a_login_or_wandb_mode(tmp_path, monkeypatch):
+    class Recorder:
+        def init_trackers(self, project, config, init_kwargs):
+            self.project, self.config, self.init_kwargs = project, config, init_kwargs
+
+    for name in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    config = TrainConfig(report_to="wandb")
+    offline = Recorder()
+    start_trackers(offline, config, tmp_path / "run")
+    assert offline.init_kwargs["wandb"]["mode"] == "offline" and offline.config["report_to"] == "wandb"
+    assert offline.init_kwargs["wandb"]["dir"] == str(tmp_path / "run")
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password key\n")
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    logged_in = Recorder()
+    start_trackers(logged_in, config, tmp_path / "run")
+    assert "mode" not in logged_in.init_kwargs["wandb"]  # a login: wandb's own default (online)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("WANDB_MODE", "online")
+    asked = Recorder()
+    start_trackers(asked, config, tmp_path / "run")
+    assert "mode" not in asked.init_kwargs["wandb"]  # WANDB_MODE, read by wandb itself, decides

@@ -29,6 +29,7 @@ from training.data import HELD_OUT_CAP, held_out_split, load_pairs, parse_synthe
 from training.evaluate import retrieval_recall
 from training.loop import (
     check_out_dir,
+    check_report_to,
     check_resume,
     epoch_order,
     run_cache_dir,
@@ -210,18 +211,26 @@ def fit(
         accelerator.backward(loss)
         return loss.item()
 
-    def after_step(done: int) -> None:
-        if config.eval_every and done % config.eval_every == 0 and done < config.steps:
+    final: dict[str, float] = {}  # the held-out metrics after the last step, once the loop has run it
+
+    def after_step(done: int) -> dict[str, float] | None:
+        if done == config.steps:
+            final.update(evaluate_alignment(bridge, data.held_out))
+            return final
+        if config.eval_every and done % config.eval_every == 0:
             metrics = evaluate_alignment(bridge, data.held_out)
             if metrics:
                 log.info("step %d: held-out text->image R@1 %.3f", done, metrics["text_to_image_R@1"])
+            return metrics
+        return None
 
     head = TrainableHead(bridge, config.loss).train()
     if bridge.adapter is not None and config.lora is not None:  # the adapter alone, and the temperature?
         bridge.adapters.train_only(bridge.adapter, config.lora.train_temperature)
         bridge.logit_bias.requires_grad_(config.lora.train_temperature and config.loss != "infonce")
     losses = run_loop(head, micro_step, config, out_dir, resume, progress, "training", after_step)
-    metrics = evaluate_alignment(bridge, data.held_out)
+    # Measured in the loop (and sent to the trackers) unless there was no step left to run.
+    metrics = final if losses else evaluate_alignment(bridge, data.held_out)
     return TrainResult(config.steps, losses, metrics, data.skipped)
 
 
@@ -329,6 +338,7 @@ def train_text_bridge(
         settings["adapter"] = adapter
     cache_dir = run_cache_dir(out_dir, config.train.cache_dir)
     loss_function(config.train.loss)  # a config mistake fails here, not after the caches are filled
+    check_report_to(config.train.report_to)
     state = processes()
     check_out_dir(out_dir, resume, cache_dir)
     check_resume(out_dir, settings, resume)

@@ -6,6 +6,8 @@ A trainer hands over what it trains (a module holding exactly the trained parame
 - `accelerate` places the run (device, mixed precision, N processes under `accelerate launch`) and
   accumulates gradients;
 - AdamW, its learning rate a pure function of the optimiser step (`learning_rate`: warm-up, then cosine);
+- accelerate's trackers (`report_to`: TensorBoard or W&B) get the loss, learning rate and step time of
+  every step and the held-out metrics a trainer's `after_step` returns, besides `train_log.jsonl`;
 - `steps` counts optimiser updates, each made of `grad_accum` micro-batches numbered
   `step * grad_accum + i`, so a checkpoint always falls between updates and `--resume` is exact whatever
   `grad_accum` is;
@@ -23,11 +25,13 @@ Not here: what a step computes (align.py, vlm.py, prealign.py), data (data.py), 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
 import os
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -47,6 +51,8 @@ log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
 RUN_CONFIG = "run_config.json"
 TRAIN_LOG = "train_log.jsonl"
+# W&B's project; TensorBoard's event files go to <run directory>/dinobridge/ (`tensorboard --logdir RUN`).
+TRACKER_PROJECT = "dinobridge"
 
 
 class LoopConfig(Protocol):
@@ -59,6 +65,7 @@ class LoopConfig(Protocol):
     grad_accum: int  # micro-batches an update
     mixed_precision: str  # no | bf16 | fp16
     checkpoint_every: int  # updates; 0: none
+    report_to: str  # none | tensorboard | wandb: a tracker besides train_log.jsonl
 
 
 # A step body: (accelerator, the prepared trained module, micro-batch number) -> that micro-batch's mean
@@ -74,21 +81,27 @@ def run_loop(
     resume: bool = False,
     progress: bool = True,
     desc: str = "training",
-    after_step: Callable[[int], None] | None = None,
+    after_step: Callable[[int], dict[str, float] | None] | None = None,
 ) -> list[float]:
     """Run optimiser steps until `config.steps`; returns the loss of each step run in this call.
 
     `trainable`'s parameters that require gradients are optimised; under N processes it is wrapped for
     data parallelism, so the step body must run its forward pass through the module it is given.
     `out_dir` None: no log, no checkpoints (a sub-step of a larger job, such as pre-alignment).
-    `after_step(done)` runs after each update (held-out evaluation, say).
+    `after_step(done)` runs after each update (held-out evaluation, say); the metrics it returns go to
+    the trackers of `config.report_to`, which a run without `out_dir` never starts.
     """
     if config.grad_accum < 1:
         raise ConfigError(f"train.grad_accum is {config.grad_accum}; give 1 (no accumulation) or more")
+    tracked = out_dir is not None and config.report_to != "none"
+    if tracked:
+        check_report_to(config.report_to)
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.grad_accum,
         cpu=cpu_only(),  # as runtime.processes(): N CPU processes join with gloo
+        log_with=config.report_to if tracked else None,
+        project_dir=out_dir if tracked else None,
     )
     main = accelerator.is_main_process  # the one process that writes files
     out_dir = Path(out_dir) if out_dir is not None else None
@@ -101,11 +114,14 @@ def run_loop(
         shutil.rmtree(out_dir / CHECKPOINTS, ignore_errors=True)
     trainable, optimizer = accelerator.prepare(trainable, optimizer)
     train_log = TrainLog(out_dir, start, writes=main)
+    if tracked:
+        start_trackers(accelerator, config, Path(out_dir))
     steps = range(start, config.steps)
     bar = tqdm(steps, desc=desc, initial=start, total=config.steps, disable=not (progress and main))
     losses: list[float] = []
     try:
         for step in bar:
+            started = time.perf_counter()
             lr = learning_rate(config, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -120,6 +136,10 @@ def run_loop(
             train_log.write(step + 1, losses[-1], lr)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
             done = step + 1
+            seconds = time.perf_counter() - started
+            accelerator.log(
+                {"train/loss": losses[-1], "train/lr": lr, "train/step_seconds": seconds}, step=done
+            )
             if (
                 out_dir is not None
                 and config.checkpoint_every
@@ -127,12 +147,44 @@ def run_loop(
                 and main
             ):
                 save_checkpoint(out_dir, accelerator.unwrap_model(trainable), optimizer, done)
-            if after_step is not None:
-                after_step(done)
+            metrics = after_step(done) if after_step is not None else None
+            if metrics:
+                accelerator.log({f"held_out/{name}": value for name, value in metrics.items()}, step=done)
     finally:  # an interrupted run still closes its log with a line per step it ran
         train_log.close()
         bar.close()
+        # Not accelerator.end_training(): it also ends the process group, which the trainer still uses.
+        for tracker in accelerator.trackers:
+            tracker.finish()
     return losses
+
+
+def check_report_to(report_to: str) -> None:
+    """Refuse a tracker whose package is not installed, before a trainer does any work."""
+    if report_to != "none" and importlib.util.find_spec(report_to) is None:
+        raise ConfigError(
+            f"train.report_to is '{report_to}' but the {report_to} package is not installed; "
+            f"pip install {report_to}, or set train.report_to: none"
+        )
+
+
+def start_trackers(accelerator: Accelerator, config: LoopConfig, out_dir: Path) -> None:
+    """Open the run's tracker with the config's plain settings as its hyperparameters. W&B writes under
+    the run directory and, unless WANDB_MODE says otherwise or a W&B login is there, stays offline: a
+    training run never reaches the network unasked (`wandb sync` uploads it later)."""
+    settings = {k: v for k, v in to_dict(config).items() if isinstance(v, (bool, int, float, str))}
+    init_kwargs = {}
+    if config.report_to == "wandb":
+        init_kwargs["wandb"] = {"dir": str(out_dir), "name": out_dir.resolve().name}
+        if not os.environ.get("WANDB_MODE") and not _wandb_login():
+            init_kwargs["wandb"]["mode"] = "offline"
+    accelerator.init_trackers(TRACKER_PROJECT, config=settings, init_kwargs=init_kwargs)
+
+
+def _wandb_login() -> bool:
+    """Whether W&B has a key: $WANDB_API_KEY, or the entry `wandb login` writes to ~/.netrc."""
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    return bool(os.environ.get("WANDB_API_KEY")) or (netrc.is_file() and "api.wandb.ai" in netrc.read_text())
 
 
 def learning_rate(config: LoopConfig, step: int) -> float:
