@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from bridge.decoding import decode_jpegs, gpu_decodable, ordered_map, pixel_batch
+from bridge.decoding import decode_jpegs, gpu_decodable, ordered_map, pixel_batch, split_cores, usable_cores
 from bridge.images import ImageLoadError, not_an_image_reason, try_load_image
 from bridge.index import IndexSummary, embed_images
 from bridge.index_files import FAILURE_LOG, FileRecord, IndexStore, Part, Shard, write_atomic
@@ -92,6 +92,8 @@ def update_index(
 
         timing = {"wait": 0.0}
         jobs = [(path, known, preprocessing, gpu_decode) for path, _, _, _, known in tasks]
+        if workers is None:  # the workers' share of the cores (the CLI also sets the encoder's threads)
+            workers = split_cores(usable_cores(), device.type != "cpu")[0]
         results = ordered_map(_prepare, jobs, workers, 2 * batch_size, timing)
         for (path, relative, size, mtime_ns, _), (_, result) in tqdm(
             zip(tasks, results, strict=True),
