@@ -350,11 +350,13 @@ def _threshold(args) -> float:
 
 
 def _grounding_bridge(directory: str, adapter: str | None = None):
+    from bridge.hub import is_hub_name
     from bridge.model import TextBridge
 
-    if not Path(directory).is_dir():
+    if not Path(directory).is_dir() and not is_hub_name(directory):
         raise FileNotFoundError(
-            f"no bridge at '{directory}'; train one with `dinobridge demo grounding` or pass --model DIR"
+            f"no bridge at '{directory}'; train one with `dinobridge demo grounding` or pass --model DIR "
+            "(or a Hub repo id)"
         )
     return TextBridge.from_pretrained(directory, adapter)
 

@@ -183,7 +183,7 @@ def model_card(directory: str | Path, repo_id: str) -> str:
     directory = Path(directory)
     kind, saved = _saved(directory)
     parts = _parts(kind, saved)
-    bases = [s["name"] for s in parts.values() if _is_hub_name(s.get("name"))]
+    bases = [s["name"] for s in parts.values() if is_hub_name(s.get("name"))]
     vlm = kind == VISION_LLM
     tags = ["dinobridge", "dinov2", "image-text-to-text" if vlm else "image-text-retrieval"]
     front = ["---", "library_name: dinobridge", "tags:", *(f"- {tag}" for tag in tags)]
@@ -204,7 +204,8 @@ def model_card(directory: str | Path, repo_id: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _is_hub_name(name) -> bool:
+def is_hub_name(name) -> bool:
+    """Whether `name` reads as a Hub repo id (owner/name); a caller checks first that no such path exists."""
     return isinstance(name, str) and bool(_REPO_ID.match(name)) and name.count("/") == 1
 
 

@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from bridge.adapters import adapter_reason
+from bridge.hub import is_hub_name
 from bridge.images import load_image
 from bridge.index_files import IndexStore
 from bridge.queries import check_texts
@@ -123,7 +124,10 @@ class ImageIndex:
                 "give each folder its own index directory"
             )
         if model_dir is not None:  # written with the next commit
-            index.store.manifest["model_dir"] = str(Path(model_dir).resolve())
+            # A Hub repo id is recorded as given (a search loads it from the Hub's cache), a folder by
+            # its absolute path.
+            local = Path(model_dir).exists() or not is_hub_name(str(model_dir))
+            index.store.manifest["model_dir"] = str(Path(model_dir).resolve()) if local else str(model_dir)
         index.update(workers=workers, **options)
         return index
 

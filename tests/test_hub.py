@@ -310,3 +310,20 @@ def test_push_refuses_a_part_from_a_local_folder(tmp_path, tiny_bridge, stand_in
     with pytest.raises(ConfigError, match="loads its text tower from the local folder"):
         push_to_hub(tmp_path / "bridge", "someone/tiny-bridge")
     assert stand_in_hub.calls == []  # refused before anything was sent
+
+
+def test_an_index_records_a_hub_model_by_its_repo_id_and_a_folder_by_its_absolute_path(
+    tmp_path: Path, tiny_bridge, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from test_index import make_photos
+
+    from bridge.index import ImageIndex
+    from bridge.index_files import read_manifest
+
+    make_photos(tmp_path / "photos", 2)
+    monkeypatch.chdir(tmp_path)
+    for model, recorded in (("someone/bridge", "someone/bridge"), ("saved", str(tmp_path / "saved"))):
+        (tmp_path / "saved").mkdir(exist_ok=True)
+        out = tmp_path / f"index-{model.replace('/', '-')}"
+        ImageIndex.build("photos", tiny_bridge, out, workers=0, progress=False, model_dir=model)
+        assert read_manifest(out)["model_dir"] == recorded
