@@ -17,3 +17,6 @@ python benchmarks/index_throughput.py --encoder vit-b14 --n 20000 --workers 15 |
 # LLM route: visual tokens and prefill with a Qwen2-0.5B-shaped LLM in bf16, mlp vs 2x2 patch merge.
 python benchmarks/vlm_prefill.py --device cuda --dtype bf16 --encoder vit-b14 --llm qwen2-0.5b --batch 32 \
     | tee "$out/vlm_prefill.txt"
+# LLM route: peak memory of one stage-2 training step (ViT-B/14 + Qwen2-0.5B shape, batch 4, LoRA r 16):
+# float32, bf16, bf16 + gradient checkpointing, and QLoRA (4-bit base; needs `pip install -e ".[qlora]"`).
+python benchmarks/vlm_memory.py --device cuda | tee "$out/vlm_memory.txt"
