@@ -82,7 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a text bridge on image-caption pairs")
     train.add_argument("--config", help="YAML config (default: the offline default)")
     train.add_argument(
-        "--data", required=True, help="pairs.jsonl, pairs.csv, COCO captions .json or synthetic:N"
+        "--data",
+        required=True,
+        help="pairs.jsonl, pairs.csv, COCO captions .json, synthetic:N, or webdataset shards: "
+        "'shards/{00000..00127}.tar', a .txt list of shards, or a folder of .tar",
     )
     train.add_argument("--image-root", help="folder image paths are relative to (default: the data file's)")
     train.add_argument(

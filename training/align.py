@@ -39,6 +39,7 @@ from training.loop import (
 )
 from training.losses import LOSSES, dense_loss
 from training.negatives import hard_negatives
+from training.shards import is_shard_spec, stream_shards
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,12 @@ class AlignmentData:
         has exactly one right image in the gallery; a file data set gives up `held_out` of its pairs
         (unset: a tenth, at most 500).
         """
-        pairs = load_pairs(data, image_root)
+        unusable: list[tuple[str, str]] = []  # shards' bad samples: no caption, a blank one, no image
+        if is_shard_spec(data):  # streamed into the feature cache as they are read (training/shards.py)
+            cache = FeatureCache(cache_dir, bridge.encoder)
+            pairs, unusable = stream_shards(data, cache, config.num_workers, progress)
+        else:
+            pairs = load_pairs(data, image_root)
         if data.startswith("synthetic:"):
             _, seed = parse_synthetic_spec(data)
             # New scenes take nothing from training: unset, the held-out gallery is the full HELD_OUT_CAP.
@@ -125,10 +131,12 @@ class AlignmentData:
             feature_cache.features(split, workers=config.num_workers, progress=progress)
             for split in (train, held_out)
         ]
-        skipped = parts[0].failures + parts[1].failures
+        skipped = unusable + parts[0].failures + parts[1].failures
         if skipped:
             log.warning(
-                "skipped %d of %d images that could not be read", len(skipped), len(train) + len(held_out)
+                "skipped %d of %d samples that could not be read",
+                len(skipped),
+                len(train) + len(held_out) + len(unusable),
             )
         if len(parts[0]) == 0:
             raise ConfigError(f"no training image of '{data}' could be read; see the warnings above")

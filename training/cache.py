@@ -173,11 +173,8 @@ class FeatureCache:
         self, pairs: Sequence[Pair], batch_size: int = 64, workers: int = 0, progress: bool = True
     ) -> CachedFeatures:
         """Features for every pair whose image loads; missing ones are computed and cached first."""
-        failed, todo = self._missing(pairs)
+        failed = self.fill(pairs, batch_size, workers, progress)
         keys = [pair.key for pair in pairs]
-        if todo:
-            failed.update(self._compute(todo, batch_size, workers, progress))
-            _write_json_atomically(self.failures_file, failed)
         kept = [i for i, key in enumerate(keys) if key in self.store.where]
         failures = [(pairs[i].origin, failed[key]) for i, key in enumerate(keys) if key in failed]
         for origin, reason in failures:
@@ -191,6 +188,22 @@ class FeatureCache:
             self.encoder.grid_hw,
             self.encoder.layer,
         )
+
+    def fill(
+        self, pairs: Sequence[Pair], batch_size: int = 64, workers: int = 0, progress: bool = True
+    ) -> dict[str, str]:
+        """Compute and cache the features of `pairs` not cached yet (a streamed data set fills the cache a
+        batch at a time through this); returns every image known to fail, key -> reason."""
+        failed, todo = self._missing(pairs)
+        if todo:
+            failed.update(self._compute(todo, batch_size, workers, progress))
+            _write_json_atomically(self.failures_file, failed)
+        return failed
+
+    def holds(self, keys: Sequence[str]) -> bool:
+        """Whether every image key is cached or known to fail: nothing left to read."""
+        failed = json.loads(self.failures_file.read_text()) if self.failures_file.exists() else {}
+        return all(key in self.store.where or key in failed for key in keys)
 
     def _missing(self, pairs: Sequence[Pair]) -> tuple[dict[str, str], list[Pair]]:
         """(the images known to fail, key -> reason; the pairs whose features are still to compute)."""

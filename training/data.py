@@ -19,12 +19,16 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from bridge.images import is_supported_image, load_image
 from bridge.synthetic import Scene, SyntheticWorld
+
+if TYPE_CHECKING:
+    from training.shards import ShardImage
 
 # Captions per synthetic scene. Wording varies across scenes already; more captions per scene cost text
 # encoding time and, measured, gain less than the same time spent on more scenes.
@@ -37,20 +41,22 @@ class DataError(ValueError):
 
 @dataclass
 class Pair:
-    image: str | Scene  # an absolute image path, or a synthetic scene rendered on demand
+    # an absolute image path, or what renders one on demand: a synthetic scene, a shard's member
+    # (training/shards.py ShardImage); those carry their own cache `key`
+    image: str | Scene | ShardImage
     captions: list[str]
     origin: str  # where the pair was read, for messages: "pairs.jsonl:12"
 
     @property
     def key(self) -> str:
-        """Identifies the image's content for caches: path, size and mtime, or the scene's key."""
-        if isinstance(self.image, Scene):
+        """Identifies the image's content for caches: path, size and mtime, or the scene's or member's key."""
+        if not isinstance(self.image, str):
             return self.image.key
         stat = os.stat(self.image)
         return f"{self.image}|{stat.st_size}|{stat.st_mtime_ns}"
 
     def load_image(self) -> Image.Image:
-        return self.image.render() if isinstance(self.image, Scene) else load_image(self.image)
+        return load_image(self.image) if isinstance(self.image, str) else self.image.render()
 
 
 def load_pairs(spec: str, image_root: str | None = None) -> list[Pair]:

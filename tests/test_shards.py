@@ -1,0 +1,149 @@
+"""Webdataset shards as text-route training data (training/shards.py): synthetic scenes written as
+img2dataset writes them, a corrupt image and captionless samples among them, trained from on 1 and on 2
+processes."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bridge.config import RunConfig, load_config, to_dict
+from bridge.model import TextBridge
+from bridge.synthetic import SyntheticWorld
+from tests.conftest import tiny_bridge_config
+from tests.test_distributed import accelerate_launch
+from training.align import AlignmentData, sample_batch, train_text_bridge
+from training.data import DataError
+from training.shards import shard_urls
+
+GOOD = 30  # usable samples, 15 a shard
+# The bad samples, in the second shard, and the reason each is reported with.
+BAD = {
+    "corrupt": "truncated",
+    "nocaption": "no caption",
+    "blank": "blank caption",
+}
+
+
+def _member(archive: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    archive.addfile(info, io.BytesIO(data))
+
+
+def _image_bytes(image, format: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format)
+    return buffer.getvalue()
+
+
+def write_shards(folder: Path) -> dict[str, str]:
+    """Two shards of synthetic scenes: JPEG + .txt in the first, PNG + .json caption in the second, which
+    also holds the BAD samples. Returns each good sample's origin ("shard:key") -> its caption."""
+    folder.mkdir()
+    scenes = SyntheticWorld(0).scenes(0, GOOD + len(BAD))
+    good = {}
+    for number in range(2):
+        shard = str(folder / f"{number:05d}.tar")
+        with tarfile.open(shard, "w") as archive:
+            for index in range(number * 15, number * 15 + 15):
+                scene, key = scenes[index], f"{index:08d}"
+                caption = scene.captions(1)[0]
+                if number == 0:
+                    _member(archive, f"{key}.jpg", _image_bytes(scene.render(), "JPEG"))
+                    _member(archive, f"{key}.txt", caption.encode())
+                else:
+                    _member(archive, f"{key}.png", _image_bytes(scene.render(), "PNG"))
+                    _member(archive, f"{key}.json", json.dumps({"caption": caption, "url": "x"}).encode())
+                good[f"{shard}:{key}"] = caption
+            if number == 1:
+                photo = _image_bytes(scenes[-1].render(), "JPEG")
+                _member(archive, "corrupt.jpg", photo[: len(photo) // 2])
+                _member(archive, "corrupt.txt", b"a picture that was cut short")
+                _member(archive, "nocaption.jpg", photo)
+                _member(archive, "nocaption.json", b'{"url": "http://example.com/a.jpg"}')
+                _member(archive, "blank.jpg", photo)
+                _member(archive, "blank.txt", b"  \n")
+    return good
+
+
+def run_config(tmp_path: Path, cache: str) -> Path:
+    config = RunConfig(bridge=tiny_bridge_config(width=32, num_heads=2))
+    train = config.train
+    train.steps, train.batch_size, train.held_out, train.lr, train.warmup_steps = 6, 8, 6, 1e-2, 1
+    train.eval_every, train.checkpoint_every = 0, 3
+    train.cache_dir = str(tmp_path / cache)
+    path = tmp_path / f"{cache}.yaml"
+    path.write_text(yaml.safe_dump(to_dict(config)))
+    return path
+
+
+def test_shards_are_named_by_a_brace_range_a_list_file_or_a_folder(tmp_path: Path) -> None:
+    write_shards(tmp_path / "shards")
+    expected = [str(tmp_path / "shards" / "00000.tar"), str(tmp_path / "shards" / "00001.tar")]
+    assert shard_urls(str(tmp_path / "shards" / "{00000..00001}.tar")) == expected
+    assert shard_urls(str(tmp_path / "shards")) == expected
+    listing = tmp_path / "shards.txt"
+    listing.write_text("# train shards\nshards/00000.tar\n\nshards/00001.tar\n")
+    assert shard_urls(str(listing)) == expected
+    with pytest.raises(DataError, match=r"shard '.*00002.tar' \(and 1 more\) of .* does not exist"):
+        shard_urls(str(tmp_path / "shards" / "{00000..00003}.tar"))
+
+
+def test_every_good_sample_once_an_epoch_and_the_bad_ones_reported(tmp_path: Path, monkeypatch) -> None:
+    good = write_shards(tmp_path / "shards")
+    spec = str(tmp_path / "shards" / "{00000..00001}.tar")
+    config = load_config(run_config(tmp_path, "cache"))
+    bridge = TextBridge.from_config(config.bridge)
+    data = AlignmentData.prepare(bridge, spec, config.train, tmp_path / "cache", progress=False)
+
+    def origins(split) -> list[str]:
+        return [pair.origin for pair in split.features.pairs]
+
+    train, held_out = origins(data.train), origins(data.held_out)
+    assert len(held_out) == 6 and len(train) == GOOD - 6
+    assert sorted(train + held_out) == sorted(good)  # each good sample once, none of the bad ones
+    captions = {pair.origin: pair.captions for pair in data.train.features.pairs}
+    assert all(captions[origin] == [good[origin]] for origin in train)
+    # One epoch of batches (24 training samples, 8 a batch) uses each training sample exactly once.
+    seen = [train[i] for batch in range(3) for i in sample_batch(data.train, config.train, batch)[0].tolist()]
+    assert sorted(seen) == sorted(train)
+    second = str(tmp_path / "shards" / "00001.tar")
+    reported = dict(data.skipped)
+    assert set(reported) == {f"{second}:{key}" for key in BAD}
+    for key, reason in BAD.items():
+        assert reason in reported[f"{second}:{key}"], reported
+
+    # A second run reads the manifest the first one left beside the features: the shards are not read.
+    def no_reading(url):
+        raise AssertionError(f"read shard {url} again")
+
+    monkeypatch.setattr("training.shards._shard_records", no_reading)
+    again = AlignmentData.prepare(bridge, spec, config.train, tmp_path / "cache", progress=False)
+    assert origins(again.train) == train and dict(again.skipped) == reported
+
+
+@pytest.mark.slow
+def test_two_processes_train_from_shards_as_one_process_does(tmp_path: Path) -> None:
+    write_shards(tmp_path / "shards")
+    spec = str(tmp_path / "shards")  # the folder
+    # Separate caches: the 2-process run streams the shards itself (its main process), the other reads.
+    _, single = train_text_bridge(
+        load_config(run_config(tmp_path, "one")), spec, tmp_path / "a", progress=False
+    )
+    command = ["train", "--config", str(run_config(tmp_path, "two")), "--data", spec, "--out", "b"]
+    printed = accelerate_launch(2, *command, cwd=tmp_path)
+    logged = [json.loads(line) for line in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
+    # Same samples, same global batches: the same loss at every step.
+    assert max(abs(a - b) for a, b in zip(single.losses, [e["loss"] for e in logged], strict=True)) < 1e-4
+    # Both processes report the same three bad samples (the second one from the first's manifest); the
+    # train command prints its summary on every process.
+    reports = [part for part in printed.split("saved the bridge to b") if part.strip()]
+    assert len(reports) == 2 and reports[0].strip() == reports[1].strip(), printed
+    assert "skipped 3 " in reports[0] and reports[0].count(":corrupt: truncated") == 1, printed
+    assert reports[0].count(":nocaption: no caption") == 1 and reports[0].count(":blank: blank caption") == 1

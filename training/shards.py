@@ -1,0 +1,249 @@
+"""Webdataset tar shards as text-route training data: `--data 'shards/{00000..00127}.tar'`, a `.txt` list
+of shard paths or URLs (one a line), or a folder of `.tar` files.
+
+A sample is what img2dataset writes: `00000001.jpg` (or .jpeg/.png/.webp) with `00000001.txt` holding the
+caption, or `00000001.json` with a "caption" field. Shards are streamed (the `webdataset` package's tar
+readers, shards split over loader workers) straight into the feature cache: images are encoded a batch
+at a time and their bytes dropped, so memory holds one fill batch of image bytes and every sample's
+captions, never the shards. Each image is keyed in the cache by shard, shard size and mtime, member name
+and member size, so training then runs from cached features exactly as for image files, and a second run
+(or another process under `accelerate launch`) reads a manifest of the samples instead of the shards.
+
+A bad sample (corrupt image, no image, no caption, a blank caption) or an unreadable shard is skipped and
+reported with its shard and key; the rest trains.
+
+Not here: the feature cache (cache.py), file data sets (data.py), the training loop (align.py, loop.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from bridge.images import load_image
+from training.data import DataError, Pair, read_text
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+# Images held in memory at once while filling the cache: about 100 MB of img2dataset's 256 px JPEGs.
+FILL_BATCH = 1024
+_REMOTE = ("http://", "https://", "pipe:", "s3://", "gs://")
+
+
+def is_shard_spec(spec: str) -> bool:
+    """Whether `--data` names shards: a `.tar` path or brace pattern, a `.txt` list, or a folder."""
+    return spec.endswith((".tar", ".txt")) or ("{" in spec and ".tar" in spec) or Path(spec).is_dir()
+
+
+def shard_urls(spec: str) -> list[str]:
+    """The shards `spec` names, in order: a brace pattern expanded, a `.txt` list read (relative paths
+    from its folder; blank lines and # comments skipped), a folder's `*.tar` sorted. A local shard that
+    is missing fails here, before any work, with its name."""
+    from braceexpand import braceexpand
+
+    if Path(spec).is_dir():
+        urls = sorted(str(path) for path in Path(spec).glob("*.tar"))
+        if not urls:
+            raise DataError(f"folder '{spec}' holds no .tar shards")
+        return urls
+    if spec.endswith(".txt"):
+        listing = Path(spec)
+        if not listing.is_file():
+            raise DataError(f"shard list '{spec}' does not exist")
+        lines = [line.strip() for line in read_text(listing).splitlines()]
+        names = [line for line in lines if line and not line.startswith("#")]
+        urls = [name if _is_remote(name) else str(listing.parent / name) for name in names]
+        if not urls:
+            raise DataError(f"shard list '{spec}' names no shards; put one path or URL a line")
+    else:
+        urls = list(braceexpand(spec))
+    missing = [url for url in urls if not _is_remote(url) and not Path(url).is_file()]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise DataError(f"shard '{missing[0]}'{more} of '{spec}' does not exist; check the path or range")
+    return urls
+
+
+@dataclass
+class ShardImage:
+    """An image member of a shard. Its bytes are held only until the feature cache has encoded it."""
+
+    shard: str
+    member: str  # "00000001.jpg"
+    key: str  # the feature cache's key: shard, shard size and mtime, member and member size
+    data: bytes | None = field(default=None, repr=False)
+
+    def render(self) -> Image.Image:
+        """The decoded image (Pair.load_image calls this, as it does a synthetic scene's)."""
+        if self.data is None:
+            raise OSError(f"'{self.member}' of shard '{self.shard}' is no longer in memory; train again")
+        return load_image(self.data)
+
+
+def stream_shards(
+    spec: str, feature_cache, workers: int = 0, progress: bool = True
+) -> tuple[list[Pair], list[tuple[str, str]]]:
+    """Every usable sample of the shards as a Pair, its features in `feature_cache` (filled as the shards
+    stream by), and the skipped samples as (origin "shard:key", reason).
+
+    The list of samples is kept in a manifest next to the features; when it exists and every image it
+    names is in the cache, the shards are not read again (another process, a resumed or repeated run).
+    """
+    urls = shard_urls(spec)
+    manifest = feature_cache.directory / "shards" / f"{_manifest_name(urls)}.json"
+    known = _read_manifest(manifest, feature_cache)
+    if known is not None:
+        return known
+    pairs: list[Pair] = []
+    skipped: list[tuple[str, str]] = []
+    batch: list[Pair] = []
+
+    def fill() -> None:
+        feature_cache.fill(batch, workers=workers, progress=False)
+        for pair in batch:
+            pair.image.data = None  # encoded (or failed): the bytes are not needed again
+        batch.clear()
+
+    count = 0
+    for record in _samples(urls, workers):
+        count += 1
+        if "error" in record:
+            skipped.append((record["origin"], record["error"]))
+            continue
+        pair = Pair(
+            ShardImage(record["shard"], record["member"], record["cache_key"], record["data"]),
+            record["captions"],
+            record["origin"],
+        )
+        pairs.append(pair)
+        batch.append(pair)
+        if len(batch) >= FILL_BATCH:
+            feature_cache.check_room(batch)
+            fill()
+        if progress and count % 10_000 == 0:
+            log.info("read %s samples of %d shards", f"{count:,}", len(urls))
+    feature_cache.check_room(batch)
+    fill()
+    if not pairs:
+        raise DataError(f"no usable sample in the {len(urls)} shard(s) of '{spec}'; see the skipped list")
+    _write_manifest(manifest, pairs, skipped)
+    for origin, reason in skipped:
+        log.warning("skipped %s: %s", origin, reason)
+    return pairs, skipped
+
+
+def _samples(urls: list[str], workers: int) -> Iterator[dict]:
+    """Records of the shards' samples, read by `workers` loader processes (0: here), each its own shards
+    (webdataset's split_by_worker)."""
+    import webdataset as wds
+    from torch.utils.data import DataLoader, IterableDataset
+
+    class Samples(IterableDataset):
+        def __iter__(self):
+            for url in wds.split_by_worker(urls):
+                yield from _shard_records(url)
+
+    loader = DataLoader(Samples(), batch_size=None, num_workers=min(workers, len(urls)))
+    yield from loader
+
+
+def _shard_records(url: str) -> Iterator[dict]:
+    """One shard's samples as records: usable ones with their bytes and captions, bad ones with the
+    reason; a shard that breaks off is reported once, after the samples read before the break."""
+    import webdataset as wds
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    stamp = ""
+    if not _is_remote(url):
+        stat = os.stat(url)
+        stamp = f"{stat.st_size}|{stat.st_mtime_ns}"
+    try:
+        stream = wds.gopen(url)
+        for sample in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
+            yield _record(url, stamp, sample)
+    except Exception as error:  # a truncated or unreadable tar: what was read before it stays
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        yield {"origin": url, "error": f"shard unreadable past this point ({reason})"}
+
+
+def _record(url: str, stamp: str, sample: dict) -> dict:
+    key = sample["__key__"]
+    origin = f"{url}:{key}"
+    extension = next((e for e in IMAGE_EXTENSIONS if e in sample), None)
+    if extension is None:
+        members = ", ".join(sorted(k for k in sample if not k.startswith("__")))
+        return {"origin": origin, "error": f"no image member (.jpg/.jpeg/.png/.webp), only: {members}"}
+    caption = None
+    if "txt" in sample:
+        try:
+            caption = sample["txt"].decode("utf-8-sig")
+        except UnicodeDecodeError:
+            return {"origin": origin, "error": "the .txt caption is not UTF-8 text"}
+    elif "json" in sample:
+        try:
+            caption = json.loads(sample["json"]).get("caption")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            return {"origin": origin, "error": "the .json member is not a JSON object"}
+    if caption is None:
+        return {"origin": origin, "error": 'no caption (a .txt member, or .json with a "caption" field)'}
+    if not isinstance(caption, str) or not caption.strip():
+        return {"origin": origin, "error": f"blank caption {json.dumps(caption)}"}
+    member, data = f"{key}.{extension}", sample[extension]
+    return {
+        "origin": origin,
+        "shard": url,
+        "member": member,
+        "cache_key": f"{url}|{stamp}|{member}|{len(data)}",
+        "data": data,
+        "captions": [caption.strip()],
+    }
+
+
+def _is_remote(url: str) -> bool:
+    return url.startswith(_REMOTE)
+
+
+def _manifest_name(urls: list[str]) -> str:
+    """Names the shard list as it is now: a shard rewritten (size or mtime) gives another manifest."""
+    stamps = [
+        url if _is_remote(url) else f"{url}|{os.stat(url).st_size}|{os.stat(url).st_mtime_ns}" for url in urls
+    ]
+    return hashlib.sha256("\n".join(stamps).encode()).hexdigest()[:20]
+
+
+def _read_manifest(path: Path, feature_cache) -> tuple[list[Pair], list[tuple[str, str]]] | None:
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    pairs = [
+        Pair(ShardImage(entry["shard"], entry["member"], entry["key"]), entry["captions"], entry["origin"])
+        for entry in saved["pairs"]
+    ]
+    if not feature_cache.holds([pair.key for pair in pairs]):
+        return None  # features deleted since: read the shards again
+    return pairs, [tuple(item) for item in saved["skipped"]]
+
+
+def _write_manifest(path: Path, pairs: list[Pair], skipped: list[tuple[str, str]]) -> None:
+    entries = [
+        {
+            "shard": p.image.shard,
+            "member": p.image.member,
+            "key": p.key,
+            "captions": p.captions,
+            "origin": p.origin,
+        }
+        for p in pairs
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(f".tmp-{os.getpid()}")
+    temporary.write_text(json.dumps({"pairs": entries, "skipped": skipped}))
+    os.replace(temporary, path)
