@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import logging
 import time
 from collections.abc import Callable
@@ -111,11 +112,11 @@ class AdaptDemoResult:
 
 def run_adapt_demo(
     out_dir: str | Path = "demo-out/adapt",
-    base_scenes: int = 4000,
+    base_scenes: int = 3000,
     new_pairs: int = 2000,
     gallery: int = 300,
-    base_steps: int = 600,
-    adapt_steps: int = 300,
+    base_steps: int = 400,
+    adapt_steps: int = 200,
     rank: int = 8,
     batch_size: int = 128,
     progress: bool = True,
@@ -215,25 +216,21 @@ def _embeddings(bridge: TextBridge, *sets: CaptionedFeatures) -> list[torch.Tens
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="demo-out/adapt")
-    parser.add_argument("--base-scenes", type=int, default=4000)
-    parser.add_argument("--new-pairs", type=int, default=2000)
-    parser.add_argument("--gallery", type=int, default=300)
-    parser.add_argument("--base-steps", type=int, default=600)
-    parser.add_argument("--adapt-steps", type=int, default=300)
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=128)
+    defaults = {name: p.default for name, p in inspect.signature(run_adapt_demo).parameters.items()}
+    for name in (
+        "out_dir",
+        "base_scenes",
+        "new_pairs",
+        "gallery",
+        "base_steps",
+        "adapt_steps",
+        "rank",
+        "batch_size",
+    ):
+        kind = str if name == "out_dir" else int
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=defaults[name])
     args = parser.parse_args(argv)
-    result = run_adapt_demo(
-        args.out,
-        args.base_scenes,
-        args.new_pairs,
-        args.gallery,
-        args.base_steps,
-        args.adapt_steps,
-        args.rank,
-        args.batch_size,
-    )
+    result = run_adapt_demo(**vars(args))
     print(result.report())
     print(f"\nadapted bridge (base + adapter 'new'): {result.bridge_dir}  ({result.seconds:.0f} s in all)")
 
