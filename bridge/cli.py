@@ -562,6 +562,11 @@ def _train(args) -> int:
     logging.getLogger("training.cache").setLevel(logging.INFO)
     config = load_config(args.config) if args.config else RunConfig()
     if args.steps is not None:
+        if config.train.epochs is not None:
+            raise ConfigError(
+                f"--steps {args.steps} and train.epochs {config.train.epochs} both say how long to train; "
+                "drop --steps, or set train.epochs: null"
+            )
         config.train.steps = args.steps
     if args.lora and config.train.lora is None:
         config.train.lora = AdapterSettings()
@@ -574,9 +579,17 @@ def _train(args) -> int:
         print(f"skipped {len(result.skipped)} unreadable images:")
         for origin, reason in result.skipped:
             print(f"  {origin}: {reason}")
+    if config.train.epochs is not None:
+        print(f"train.epochs {config.train.epochs:g}: {result.steps} steps")
     if result.metrics:
         print(f"held-out text->image R@1/5/10 {_recalls(result.metrics, 'text_to_image')}")
         print(f"held-out image->text R@1/5/10 {_recalls(result.metrics, 'image_to_text')}")
+        if "best_step" in result.metrics:
+            name = result.metrics["best_metric"]
+            print(
+                f"kept step {result.metrics['best_step']} of {result.steps}, the best held-out {name}; "
+                f"the last step scored {result.metrics[f'last_{name}']:.3f}"
+            )
     else:
         print("no held-out pairs (train.held_out: 0): nothing measured")
     adapter = f", with adapter '{args.adapter or DEFAULT_ADAPTER_NAME}'" if args.lora else ""

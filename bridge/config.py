@@ -136,6 +136,8 @@ PRECISIONS = ("float32", "bf16", "fp16")  # what the LLM route's frozen weights 
 QUANTIZATIONS = ("none", "4bit")
 SELECT_STRATEGIES = ("default", "full")
 REPORT_TO = ("none", "tensorboard", "wandb")  # accelerate's trackers a run logs to, besides train_log.jsonl
+# The text route's held-out metrics (training/evaluate.py: retrieval_recall) that can pick the best step.
+BEST_METRICS = tuple(f"{way}_R@{k}" for way in ("text_to_image", "image_to_text") for k in (1, 5, 10))
 
 
 def _count_or_fraction(value: float) -> str | None:
@@ -234,6 +236,9 @@ class TrainConfig:
     # infonce (CLIP, learnable temperature) | siglip (sigmoid, learnable bias)
     loss: str = checked("infonce", one_of=LOSS_NAMES)
     steps: int = checked(1500, at_least=1)
+    # Passes over the training pairs instead of `steps`: when set, it decides the steps,
+    # ceil(epochs x training pairs / (batch_size x grad_accum)), and `steps` is not used.
+    epochs: float | None = checked(None, above=0)
     batch_size: int = checked(256, at_least=1)
     lr: float = checked(4e-3, above=0)
     weight_decay: float = checked(0.05, at_least=0)
@@ -247,6 +252,9 @@ class TrainConfig:
     held_out: float | None = checked(None, at_least=0, check=_count_or_fraction)
     eval_every: int = checked(500, at_least=0)  # 0: only after training
     checkpoint_every: int = checked(500, at_least=0)  # 0: no checkpoints
+    # The held-out metric (evaluated every eval_every steps and at the end) whose best step's projector
+    # is saved as the result, as transformers' load_best_model_at_end; none: the last step's.
+    best_metric: str = checked("text_to_image_R@1", one_of=("none", *BEST_METRICS))
     # Where loss, learning rate and held-out metrics are logged besides train_log.jsonl: tensorboard
     # (event files in the run directory) or wandb (offline unless WANDB_MODE is set or you are logged in).
     report_to: str = checked("none", one_of=REPORT_TO)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -28,6 +28,7 @@ from training.cache import CachedFeatures, FeatureCache, TextCache
 from training.data import HELD_OUT_CAP, held_out_split, load_pairs, parse_synthetic_spec, synthetic_pairs
 from training.evaluate import retrieval_recall
 from training.loop import (
+    BestCheckpoint,
     check_out_dir,
     check_report_to,
     check_resume,
@@ -35,6 +36,7 @@ from training.loop import (
     run_cache_dir,
     run_loop,
     run_settings,
+    steps_for_epochs,
     write_run_config,
 )
 from training.losses import LOSSES, dense_loss
@@ -187,9 +189,22 @@ def fit(
     resume: bool = False,
     progress: bool = True,
 ) -> TrainResult:
-    """Train `bridge.projector` for `config.steps` steps through the training loop (loop.py);
-    checkpoints under out_dir/checkpoints/."""
+    """Train `bridge.projector` for `config.steps` steps (or `config.epochs` passes over the training
+    pairs) through the training loop (loop.py); checkpoints under out_dir/checkpoints/. With
+    `config.best_metric`, the bridge is left with the projector of the best held-out step."""
     loss_fn = loss_function(config.loss)
+    if config.epochs is not None:
+        images = len(data.train.features)
+        steps = steps_for_epochs(config.epochs, images, config.batch_size, config.grad_accum)
+        log.info(
+            "train.epochs %g over %d training images in batches of %d x %d: %d steps (train.steps unused)",
+            config.epochs,
+            images,
+            min(config.batch_size, images),
+            config.grad_accum,
+            steps,
+        )
+        config = replace(config, steps=steps)
 
     def micro_step(accelerator: Accelerator, head: nn.Module, batch: int) -> float:
         rank, world = accelerator.process_index, accelerator.num_processes
@@ -236,7 +251,19 @@ def fit(
     if bridge.adapter is not None and config.lora is not None:  # the adapter alone, and the temperature?
         bridge.adapters.train_only(bridge.adapter, config.lora.train_temperature)
         bridge.logit_bias.requires_grad_(config.lora.train_temperature and config.loss != "infonce")
-    losses = run_loop(head, micro_step, config, out_dir, resume, progress, "training", after_step)
+    best = BestCheckpoint(config.best_metric) if config.best_metric != "none" else None
+    losses = run_loop(head, micro_step, config, out_dir, resume, progress, "training", after_step, best)
+    if best is not None and best.step is not None:  # the bridge now holds the best step's projector
+        metrics = best.report()
+        log.info(
+            "kept step %d of %d: held-out %s %.4f (last step %.4f)",
+            best.step,
+            config.steps,
+            best.metric,
+            metrics[best.metric],
+            metrics[f"last_{best.metric}"],
+        )
+        return TrainResult(config.steps, losses, metrics, data.skipped)
     # Measured in the loop (and sent to the trackers) unless there was no step left to run.
     metrics = final if losses else evaluate_alignment(bridge, data.held_out)
     return TrainResult(config.steps, losses, metrics, data.skipped)

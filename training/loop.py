@@ -82,6 +82,7 @@ def run_loop(
     progress: bool = True,
     desc: str = "training",
     after_step: Callable[[int], dict[str, float] | None] | None = None,
+    best: BestCheckpoint | None = None,
 ) -> list[float]:
     """Run optimiser steps until `config.steps`; returns the loss of each step run in this call.
 
@@ -90,6 +91,8 @@ def run_loop(
     `out_dir` None: no log, no checkpoints (a sub-step of a larger job, such as pre-alignment).
     `after_step(done)` runs after each update (held-out evaluation, say); the metrics it returns go to
     the trackers of `config.report_to`, which a run without `out_dir` never starts.
+    `best`: keeps the trained tensors of the step whose metrics score best, saved with every checkpoint
+    (so `--resume` keeps it), and puts them back into `trainable` once the last step has run.
     """
     if config.grad_accum < 1:
         raise ConfigError(f"train.grad_accum is {config.grad_accum}; give 1 (no accumulation) or more")
@@ -109,7 +112,7 @@ def run_loop(
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
     start = 0
     if out_dir is not None and resume:
-        start = load_checkpoint(out_dir, trainable, optimizer)
+        start = load_checkpoint(out_dir, trainable, optimizer, best)
     elif out_dir is not None and main:  # a fresh run: an older run's checkpoints must never be resumed
         shutil.rmtree(out_dir / CHECKPOINTS, ignore_errors=True)
     trainable, optimizer = accelerator.prepare(trainable, optimizer)
@@ -140,16 +143,21 @@ def run_loop(
             accelerator.log(
                 {"train/loss": losses[-1], "train/lr": lr, "train/step_seconds": seconds}, step=done
             )
+            # Evaluated before the checkpoint, which then holds the best-so-far including this step.
+            metrics = after_step(done) if after_step is not None else None
+            if metrics:
+                accelerator.log({f"held_out/{name}": value for name, value in metrics.items()}, step=done)
+                if best is not None:
+                    best.offer(done, metrics, accelerator.unwrap_model(trainable))
             if (
                 out_dir is not None
                 and config.checkpoint_every
                 and done % config.checkpoint_every == 0
                 and main
             ):
-                save_checkpoint(out_dir, accelerator.unwrap_model(trainable), optimizer, done)
-            metrics = after_step(done) if after_step is not None else None
-            if metrics:
-                accelerator.log({f"held_out/{name}": value for name, value in metrics.items()}, step=done)
+                save_checkpoint(out_dir, accelerator.unwrap_model(trainable), optimizer, done, best)
+        if best is not None and best.state is not None:  # every process: the same tensors, as DDP keeps
+            accelerator.unwrap_model(trainable).load_state_dict(best.state)
     finally:  # an interrupted run still closes its log with a line per step it ran
         train_log.close()
         bar.close()
@@ -323,9 +331,16 @@ class TrainLog:
         self.file.close()
 
 
-def save_checkpoint(out_dir: Path, trainable: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+def save_checkpoint(
+    out_dir: Path,
+    trainable: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    best: BestCheckpoint | None = None,
+) -> None:
     """The trained tensors and the optimiser state after `step` updates, written to a temporary directory
-    and renamed into place, so a kill mid-write leaves the previous checkpoints intact."""
+    and renamed into place, so a kill mid-write leaves the previous checkpoints intact. With `best`, the
+    best step's tensors so far (`best.safetensors`) and its record go along."""
     directory = out_dir / CHECKPOINTS / f"step-{step:07d}"
     temporary = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(temporary, ignore_errors=True)
@@ -341,15 +356,20 @@ def save_checkpoint(out_dir: Path, trainable: nn.Module, optimizer: torch.optim.
         for name, value in values.items()
     }
     save_file(tensors, temporary / "optimizer.safetensors")
-    (temporary / "trainer_state.json").write_text(
-        json.dumps({"step": step, "param_groups": state["param_groups"]})
-    )
+    trainer_state = {"step": step, "param_groups": state["param_groups"]}
+    if best is not None and best.state is not None:
+        save_file(best.state, temporary / "best.safetensors")
+        trainer_state["best"] = best.record()
+    (temporary / "trainer_state.json").write_text(json.dumps(trainer_state))
     shutil.rmtree(directory, ignore_errors=True)
     temporary.rename(directory)
 
 
-def load_checkpoint(out_dir: Path, trainable: nn.Module, optimizer: torch.optim.Optimizer) -> int:
-    """Restore the newest checkpoint; returns its step (0 when there is none to resume from)."""
+def load_checkpoint(
+    out_dir: Path, trainable: nn.Module, optimizer: torch.optim.Optimizer, best: BestCheckpoint | None = None
+) -> int:
+    """Restore the newest checkpoint (and into `best`, the best step so far it holds); returns its step
+    (0 when there is none to resume from)."""
     checkpoints = sorted((out_dir / CHECKPOINTS).glob("step-???????"))
     if not checkpoints:
         log.warning("--resume: no checkpoint in '%s'; starting from step 0", out_dir / CHECKPOINTS)
@@ -362,5 +382,63 @@ def load_checkpoint(out_dir: Path, trainable: nn.Module, optimizer: torch.optim.
         index, name = key.split(".", 1)
         per_parameter.setdefault(int(index), {})[name] = value
     optimizer.load_state_dict({"state": per_parameter, "param_groups": trainer_state["param_groups"]})
+    if best is not None and "best" in trainer_state:
+        best.restore(trainer_state["best"], read_safetensors(latest / "best.safetensors"))
     log.info("resumed from %s", latest)
     return trainer_state["step"]
+
+
+def steps_for_epochs(epochs: float, items: int, batch_size: int, grad_accum: int = 1) -> int:
+    """Optimiser updates that pass `epochs` times over `items` training items in batches of `batch_size`
+    (capped at `items`, as a batch is), `grad_accum` batches an update: ceil(epochs x items / batch)."""
+    per_step = min(batch_size, items) * grad_accum
+    return max(1, math.ceil(epochs * items / per_step - 1e-9))  # 3 epochs of 100 in 10s: 30, not 31
+
+
+class BestCheckpoint:
+    """The trained tensors of the step that scored best on held-out `metric` (higher is better; the
+    earlier step wins a tie), as transformers' Trainer keeps with `load_best_model_at_end`, and the
+    metrics of the last step evaluated, to report both."""
+
+    def __init__(self, metric: str):
+        self.metric = metric
+        self.step: int | None = None
+        self.metrics: dict[str, float] = {}
+        self.state: dict[str, torch.Tensor] | None = None
+        self.last_step: int | None = None
+        self.last_metrics: dict[str, float] = {}
+
+    def offer(self, step: int, metrics: dict[str, float], trainable: nn.Module) -> None:
+        if self.metric not in metrics:
+            raise ConfigError(
+                f"train.best_metric '{self.metric}' is not among the held-out metrics "
+                f"({', '.join(metrics)}); choose one of those"
+            )
+        self.last_step, self.last_metrics = step, dict(metrics)
+        if self.step is None or metrics[self.metric] > self.metrics[self.metric]:
+            self.step, self.metrics = step, dict(metrics)
+            self.state = {k: v.detach().cpu().clone() for k, v in trainable.state_dict().items()}
+
+    def record(self) -> dict:
+        """What a checkpoint keeps besides the tensors."""
+        return {
+            "step": self.step,
+            "metrics": self.metrics,
+            "last_step": self.last_step,
+            "last_metrics": self.last_metrics,
+        }
+
+    def restore(self, record: dict, state: dict[str, torch.Tensor]) -> None:
+        self.step, self.metrics, self.state = record["step"], record["metrics"], state
+        self.last_step, self.last_metrics = record["last_step"], record["last_metrics"]
+
+    def report(self) -> dict:
+        """The saved bridge's held-out metrics (the best step's), which step that was, and the last
+        step's figure of the same metric: what metrics.json records."""
+        return {
+            **self.metrics,
+            "best_metric": self.metric,
+            "best_step": self.step,
+            "last_step": self.last_step,
+            f"last_{self.metric}": self.last_metrics.get(self.metric),
+        }
