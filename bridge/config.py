@@ -255,6 +255,9 @@ class TrainConfig:
     # The held-out metric (evaluated every eval_every steps and at the end) whose best step's projector
     # is saved as the result, as transformers' load_best_model_at_end; none: the last step's.
     best_metric: str = checked("text_to_image_R@1", one_of=("none", *BEST_METRICS))
+    # false: no feature cache; the frozen encoder decodes and encodes each batch's images every step,
+    # for data too large to cache (the same batches and, within float16 rounding, the same losses).
+    cache: bool = True
     # Where loss, learning rate and held-out metrics are logged besides train_log.jsonl: tensorboard
     # (event files in the run directory) or wandb (offline unless WANDB_MODE is set or you are logged in).
     report_to: str = checked("none", one_of=REPORT_TO)

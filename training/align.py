@@ -24,7 +24,7 @@ from bridge.adapters import DEFAULT_ADAPTER, check_adapter_name, copy_saved_adap
 from bridge.config import ConfigError, RunConfig, TrainConfig
 from bridge.model import TextBridge
 from bridge.runtime import encode_settings, processes
-from training.cache import CachedFeatures, FeatureCache, TextCache
+from training.cache import CachedFeatures, EncodedFeatures, FeatureCache, TextCache
 from training.data import HELD_OUT_CAP, held_out_split, load_pairs, parse_synthetic_spec, synthetic_pairs
 from training.evaluate import retrieval_recall
 from training.loop import (
@@ -126,13 +126,20 @@ class AlignmentData:
             train, held_out = pairs, synthetic_pairs(count, seed=seed, start=10**7, distinct=True)
         else:
             train, held_out = held_out_split(pairs, config.held_out, config.seed)
-        feature_cache = FeatureCache(cache_dir, bridge.encoder)
-        text_cache = TextCache(cache_dir, bridge.tower, progress)
-        feature_cache.check_room(train + held_out)  # a cache the disk cannot hold fails before encoding
-        parts = [
-            feature_cache.features(split, workers=config.num_workers, progress=progress)
-            for split in (train, held_out)
-        ]
+        if config.cache:
+            feature_cache = FeatureCache(cache_dir, bridge.encoder)
+            text_cache = TextCache(cache_dir, bridge.tower, progress)
+            feature_cache.check_room(train + held_out)  # a cache the disk cannot hold fails before encoding
+            parts = [
+                feature_cache.features(split, workers=config.num_workers, progress=progress)
+                for split in (train, held_out)
+            ]
+        else:  # nothing written: images are encoded as batches ask for them, captions embedded in memory
+            text_cache = TextCache(None, bridge.tower, progress)
+            parts = [
+                EncodedFeatures.check(split, bridge.encoder, config.num_workers, progress)
+                for split in (train, held_out)
+            ]
         skipped = unusable + parts[0].failures + parts[1].failures
         if skipped:
             log.warning(
@@ -210,9 +217,10 @@ def fit(
         rank, world = accelerator.process_index, accelerator.num_processes
         images, rows = sample_batch(data.train, config, batch)
         texts = data.train.captions[rows].to(accelerator.device)
+        # Each process embeds its slice of the global batch; the losses see the whole batch. Outside
+        # autocast: without a cache (train.cache false) the frozen encoder runs here, as it filled one.
+        features = data.train.features[_slice(images, rank, world)].to(accelerator.device)
         with accelerator.autocast():
-            # Each process embeds its slice of the global batch; the losses see the whole batch.
-            features = data.train.features[_slice(images, rank, world)].to(accelerator.device)
             if config.dense_weight:
                 embeddings, patches = head(features, with_patches=True)
                 patches = gather_with_gradient(patches) if world > 1 else patches

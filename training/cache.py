@@ -126,6 +126,50 @@ class CachedFeatures:
         return VisionFeatures(*parts, self.grid_hw, self.layer)
 
 
+@dataclass
+class EncodedFeatures:
+    """CachedFeatures' stand-in for `train.cache: false`: a batch's images are decoded and run through
+    the frozen encoder each time they are asked for, and nothing is written. Features come out float32,
+    where a cache rounds them to float16."""
+
+    pairs: list[Pair]
+    failures: list[tuple[str, str]]
+    encoder: FrozenEncoder
+    workers: int = 0
+
+    @classmethod
+    def check(
+        cls, pairs: Sequence[Pair], encoder: FrozenEncoder, workers: int = 0, progress: bool = True
+    ) -> EncodedFeatures:
+        """Decode every image once, to skip the unreadable ones before training as a cache fill does (so
+        the batches, a function of the readable images, are the cached run's)."""
+        kept, failures = [], []
+        bar = tqdm(total=len(pairs), desc="checking images", unit="img", disable=not progress)
+        for (batch, _), decoded in _decoded(pairs, encoder.preprocessing, 64, workers):
+            for pair, (_, reason) in zip(batch, decoded, strict=True):
+                if reason is None:
+                    kept.append(pair)
+                else:
+                    failures.append((pair.origin, reason))
+                    log.warning("skipped %s: %s", pair.origin, reason)
+            bar.update(len(batch))
+        bar.close()
+        return cls(kept, failures, encoder, workers)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, indices) -> VisionFeatures:
+        chosen = [self.pairs[i] for i in np.asarray(indices, dtype=np.int64).reshape(-1)]
+        pixels = []
+        for (batch, _), decoded in _decoded(chosen, self.encoder.preprocessing, 64, self.workers):
+            for pair, (image, reason) in zip(batch, decoded, strict=True):
+                if reason is not None:  # readable when checked, not now: the batch cannot be the same
+                    raise OSError(f"{pair.origin} can no longer be read ({reason}) while training")
+                pixels.append(image)
+        return self.encoder(torch.stack(pixels)).to("cpu").to(torch.float32)
+
+
 class FeatureCache:
     """Encoder features for image-caption pairs, computed once per encoder and image."""
 
@@ -226,10 +270,7 @@ class FeatureCache:
                 for chunks in parts.values():
                     chunks.clear()
 
-        batches = [pairs[i : i + batch_size] for i in range(0, len(pairs), batch_size)]
-        # At most 4 batches in flight: decoding overlaps the encoder without holding the whole set.
-        jobs = [(batch, self.encoder.preprocessing) for batch in batches]
-        for (batch, _), decoded in ordered_map(_decode_batch, jobs, max(0, workers), window=4):
+        for (batch, _), decoded in _decoded(pairs, self.encoder.preprocessing, batch_size, workers):
             good = [
                 (pair, pixels)
                 for pair, (pixels, reason) in zip(batch, decoded, strict=True)
@@ -255,14 +296,26 @@ class FeatureCache:
 class TextCache:
     """Frozen-tower embeddings of captions, computed once per tower and caption."""
 
-    def __init__(self, root: str | Path, tower: TextTower, progress: bool = True):
+    def __init__(self, root: str | Path | None, tower: TextTower, progress: bool = True):
+        """`root` None: embeddings are computed on each call and nothing is written (`train.cache: false`)."""
         self.tower = tower
         self.progress = progress
         settings = json.dumps(tower.config.__dict__, sort_keys=True, default=str)
-        self.store = _Chunks(Path(root) / "text" / fingerprint(tower, settings), ("embeddings",))
+        self.store = (
+            None
+            if root is None
+            else _Chunks(Path(root) / "text" / fingerprint(tower, settings), ("embeddings",))
+        )
 
     def embeddings(self, captions: Sequence[str]) -> torch.Tensor:
         """(len(captions), E) float32 embeddings, unnormalised, in the order given."""
+        if self.store is None:
+            unique = list(dict.fromkeys(captions))
+            if not unique:
+                return torch.empty(0, self.tower.embed_dim)
+            row = {caption: i for i, caption in enumerate(unique)}
+            computed = self.tower.encode(unique, progress=self.progress).float()
+            return computed[torch.tensor([row[c] for c in captions])]
         missing = list(dict.fromkeys(c for c in captions if c not in self.store.where))
         for start in range(0, len(missing), CHUNK_SIZE * 4):
             chunk = missing[start : start + CHUNK_SIZE * 4]
@@ -274,6 +327,14 @@ class TextCache:
             return torch.empty(0, self.tower.embed_dim)
         rows = np.array([self.store.where[c] for c in captions], dtype=np.int64)
         return torch.from_numpy(self.store.gather("embeddings", rows))
+
+
+def _decoded(pairs: Sequence[Pair], preprocessing: Preprocessing, batch_size: int, workers: int):
+    """((batch, preprocessing), [(pixels or None, reason or None)] for each pair) per batch of pairs."""
+    batches = [pairs[i : i + batch_size] for i in range(0, len(pairs), batch_size)]
+    # At most 4 batches in flight: decoding overlaps the encoder without holding the whole set.
+    jobs = [(batch, preprocessing) for batch in batches]
+    return ordered_map(_decode_batch, jobs, max(0, workers), window=4)
 
 
 def _decode_batch(
