@@ -35,6 +35,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
+from bridge.adapters import adapter_with_fingerprint
 from bridge.images import ImageLoadError, load_image
 from bridge.index import ImageIndex
 from bridge.index_files import MANIFEST, image_id, read_manifest
@@ -613,7 +614,10 @@ def _load_bridge(index_dir: Path, model_dir: str | os.PathLike | None) -> TextBr
         raise ValueError(
             f"index '{index_dir}' does not record its model; pass the bridge directory (--model)"
         )
-    return TextBridge.from_pretrained(model_dir)
+    # Through the LoRA adapter that built the index, if one did (its fingerprint says which, adapters.py);
+    # an adapter sits on the projector, so the text tower's NumPy twin still embeds the texts.
+    adapter = adapter_with_fingerprint(model_dir, read_manifest(index_dir)["fingerprint"])
+    return TextBridge.from_pretrained(model_dir, adapter)
 
 
 def _result(image: str, relative: str, score: float, snapshot: Snapshot, texts: list[str]) -> dict:

@@ -4,6 +4,7 @@ directory, merging, the fingerprint an index checks, and exact resume."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from conftest import tiny_bridge_config
 from safetensors.torch import load_file
 
 import training.align
-from bridge import adapters
+from bridge import adapters, serve
 from bridge.cli import DEFAULT_ADAPTER_NAME, main
 from bridge.config import ConfigError, RunConfig, TrainConfig, load_config
 from bridge.model import TextBridge
@@ -135,6 +136,8 @@ def test_an_index_built_with_one_adapter_refuses_queries_through_another(two_ada
     (error,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     print(error)
     assert "adapter 'a'" in error and "adapter 'b'" in error
+    # dinobridge serve loads the bridge through the adapter that built the index, as search does.
+    assert serve._load_bridge(Path(index), str(both)).adapter == "a"
     with pytest.raises(ValueError, match="base bridge"):
         from bridge.index import ImageIndex
 
