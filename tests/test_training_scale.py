@@ -74,8 +74,8 @@ def test_a_cache_the_disk_cannot_hold_is_refused_before_any_encoding(tmp_path, m
     assert code == 2
     assert error == (
         "dinobridge train: error: the feature cache of 16 images x 17 tokens x 32 float16 needs 0.02 MB "
-        f"in '{directory}', but that disk has 31.46 MB free; train on fewer tokens (pooled features) or "
-        "give a train.cache_dir on a larger disk"
+        f"in '{directory}', but that disk has 31.46 MB free; train without a cache (train.cache: false), "
+        "on fewer tokens (pooled features), or give a train.cache_dir on a larger disk"
     )
     # The size was shown first, without -v, and nothing was encoded or written.
     assert "feature cache: 16 images x 17 tokens x 32 float16 = 0.02 MB in " in caplog.text

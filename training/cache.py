@@ -208,8 +208,8 @@ class FeatureCache:
             raise ConfigError(
                 f"the feature cache of {images:,} images x {tokens} tokens x {self.encoder.hidden_size} "
                 f"float16 needs {_readable_size(size)} in '{self.directory}', but that disk has "
-                f"{_readable_size(free)} free; train on fewer tokens (pooled features) or give a "
-                "train.cache_dir on a larger disk"
+                f"{_readable_size(free)} free; train without a cache (train.cache: false), on fewer tokens "
+                "(pooled features), or give a train.cache_dir on a larger disk"
             )
         return size
 
