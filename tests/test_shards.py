@@ -128,6 +128,14 @@ def test_every_good_sample_once_an_epoch_and_the_bad_ones_reported(tmp_path: Pat
     assert origins(again.train) == train and dict(again.skipped) == reported
 
 
+def test_shards_without_the_feature_cache_are_refused(tmp_path: Path, tiny_bridge) -> None:
+    write_shards(tmp_path / "shards")
+    config = load_config(run_config(tmp_path, "cache")).train
+    config.cache = False
+    with pytest.raises(ValueError, match="read through the feature cache; train.cache: false takes file"):
+        AlignmentData.prepare(tiny_bridge, str(tmp_path / "shards"), config, tmp_path / "cache")
+
+
 @pytest.mark.slow
 def test_two_processes_train_from_shards_as_one_process_does(tmp_path: Path) -> None:
     write_shards(tmp_path / "shards")

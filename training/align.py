@@ -113,6 +113,11 @@ class AlignmentData:
         """
         unusable: list[tuple[str, str]] = []  # shards' bad samples: no caption, a blank one, no image
         if is_shard_spec(data):  # streamed into the feature cache as they are read (training/shards.py)
+            if not config.cache:
+                raise ConfigError(
+                    f"webdataset shards '{data}' are read through the feature cache; train.cache: false "
+                    "takes file data sets only: set train.cache: true (and train.cache_dir on a large disk)"
+                )
             cache = FeatureCache(cache_dir, bridge.encoder)
             pairs, unusable = stream_shards(data, cache, config.num_workers, progress)
         else:

@@ -28,6 +28,7 @@ from pathlib import Path
 from PIL import Image
 
 from bridge.images import load_image
+from training.cache import _write_json_atomically
 from training.data import DataError, Pair, read_text
 
 log = logging.getLogger(__name__)
@@ -244,6 +245,4 @@ def _write_manifest(path: Path, pairs: list[Pair], skipped: list[tuple[str, str]
         for p in pairs
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(f".tmp-{os.getpid()}")
-    temporary.write_text(json.dumps({"pairs": entries, "skipped": skipped}))
-    os.replace(temporary, path)
+    _write_json_atomically(path, {"pairs": entries, "skipped": skipped})
