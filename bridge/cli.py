@@ -459,6 +459,11 @@ def _search(args) -> int:
 
     if not (args.texts or args.image):
         raise ValueError("give a text query, an --image, or both")
+    if args.model is not None:  # a wrong --model (a VisionLLM, say) is named before the index is read
+        from bridge.hub import local_directory
+        from bridge.model_files import TEXT_BRIDGE, read_saved_config
+
+        read_saved_config(local_directory(args.model), TEXT_BRIDGE)
     manifest = read_manifest(Path(args.index))
     model_dir = args.model or manifest["model_dir"]
     # The adapter that built the index is the one whose saved fingerprint it records (adapters.py).

@@ -283,16 +283,22 @@ def run_in_a_terminal(command: list[str], typed: str, timeout: float = 180) -> t
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="pseudo-terminals are POSIX")
-def test_the_cli_in_a_terminal_refuses_custom_code_without_asking(custom_code_bridge, tmp_path) -> None:
+def test_the_cli_in_a_terminal_refuses_custom_code_without_asking(
+    custom_code_bridge, tiny_bridge, tmp_path
+) -> None:
+    from bridge.index import ImageIndex
+
     directory, marker = custom_code_bridge
-    Image.new("RGB", (56, 56), "red").save(tmp_path / "red.png")
+    (tmp_path / "photos").mkdir()
+    Image.new("RGB", (56, 56), "red").save(tmp_path / "photos" / "red.png")
+    ImageIndex.build(tmp_path / "photos", tiny_bridge, tmp_path / "index", workers=0, progress=False)
     commands = [
-        ["ground", str(tmp_path / "red.png"), "a red circle", "--model", str(directory)],
+        ["ground", str(tmp_path / "photos" / "red.png"), "a red circle", "--model", str(directory)],
         [
             "search",
-            str(tmp_path / "no-index"),
+            str(tmp_path / "index"),
             "--image",
-            str(tmp_path / "red.png"),
+            str(tmp_path / "photos" / "red.png"),
             "--model",
             str(directory),
         ],
