@@ -249,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
         "both: the two, as columns embedding and image_embedding (default: text)",
     )
     export.set_defaults(handler=_export)
+
     merge = commands.add_parser("merge", help="fold a bridge's LoRA adapter into a plain bridge")
     merge.add_argument("model", help="a saved bridge directory holding adapters")
     merge.add_argument("--adapter", required=True, help="the adapter to fold in")
