@@ -18,8 +18,9 @@ from bridge.synthetic import SyntheticWorld
 from tests.conftest import tiny_bridge_config
 from tests.test_distributed import accelerate_launch
 from training.align import AlignmentData, sample_batch, train_text_bridge
+from training.cache import FeatureCache
 from training.data import DataError
-from training.shards import shard_urls
+from training.shards import shard_urls, stream_shards
 
 GOOD = 30  # usable samples, 15 a shard
 # The bad samples, in the second shard, and the reason each is reported with.
@@ -126,6 +127,25 @@ def test_every_good_sample_once_an_epoch_and_the_bad_ones_reported(tmp_path: Pat
     monkeypatch.setattr("training.shards._shard_records", no_reading)
     again = AlignmentData.prepare(bridge, spec, config.train, tmp_path / "cache", progress=False)
     assert origins(again.train) == train and dict(again.skipped) == reported
+
+
+def test_a_shard_cut_short_keeps_the_samples_before_the_cut_and_is_reported(
+    tmp_path: Path, tiny_bridge
+) -> None:
+    good = write_shards(tmp_path / "shards")
+    first = tmp_path / "shards" / "00000.tar"
+    with tarfile.open(first) as archive:
+        member = archive.getmembers()[10]  # 00000005.jpg: samples 0-4 come before it
+    whole = first.read_bytes()
+    for cut, reason in (
+        (member.offset_data + member.size // 2, "shard unreadable past this point (unexpected end of data)"),
+        (member.offset, "shard cut short (no end-of-archive blocks)"),  # tarfile takes this for the end
+    ):
+        first.write_bytes(whole[:cut])
+        cache = FeatureCache(tmp_path / f"cache-{cut}", tiny_bridge.encoder)
+        pairs, skipped = stream_shards(str(first), cache, progress=False)
+        assert [pair.origin for pair in pairs] == [o for o in good if o.startswith(f"{first}:")][:5]
+        assert len(skipped) == 1 and skipped[0][0] == str(first) and skipped[0][1].startswith(reason)
 
 
 def test_shards_without_the_feature_cache_are_refused(tmp_path: Path, tiny_bridge) -> None:

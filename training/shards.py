@@ -160,19 +160,55 @@ def _shard_records(url: str) -> Iterator[dict]:
     """One shard's samples as records: usable ones with their bytes and captions, bad ones with the
     reason; a shard that breaks off is reported once, after the samples read before the break."""
     import webdataset as wds
-    from webdataset.tariterators import group_by_keys, tar_file_expander
+    from webdataset.tariterators import base_plus_ext, tar_file_expander
 
     stamp = ""
     if not _is_remote(url):
         stat = os.stat(url)
         stamp = f"{stat.st_size}|{stat.st_mtime_ns}"
+    sample: dict = {}  # grouped here, not by webdataset's group_by_keys, which drops the sample in
+    # progress when the shard breaks: its members read before the break are still reported
     try:
-        stream = wds.gopen(url)
-        for sample in group_by_keys(tar_file_expander([{"url": url, "stream": stream}])):
-            yield _record(url, stamp, sample)
+        for member in tar_file_expander([{"url": url, "stream": wds.gopen(url)}]):
+            key, extension = base_plus_ext(member.get("fname", ""))
+            if key is None:  # the end-of-shard marker, or a member without an extension
+                continue
+            if key != sample.get("__key__"):
+                if sample:
+                    yield _record(url, stamp, sample)
+                sample = {"__key__": key}
+            sample[extension.lower()] = member["data"]
     except Exception as error:  # a truncated or unreadable tar: what was read before it stays
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        yield {"origin": url, "error": f"shard unreadable past this point ({reason})"}
+        if sample:
+            yield _record(url, stamp, sample)
+        yield {"origin": url, "error": f"shard unreadable past this point ({_first_message(error)})"}
+        return
+    if sample:
+        yield _record(url, stamp, sample)
+    # tarfile takes a shard cut at a member's header for its end; a whole tar ends in two zero blocks.
+    if stamp and not _ends_like_a_tar(url):
+        yield {
+            "origin": url,
+            "error": "shard cut short (no end-of-archive blocks): samples after the cut lost",
+        }
+
+
+def _ends_like_a_tar(path: str) -> bool:
+    with open(path, "rb") as file:
+        size = file.seek(0, os.SEEK_END)
+        if size % 512 or size < 1024:
+            return False
+        file.seek(size - 1024)
+        return not any(file.read(1024))
+
+
+def _first_message(error: Exception) -> str:
+    """The first text in an exception's arguments (webdataset wraps the reader's error with its stream
+    and URL), without the stream's repr."""
+    parts = list(error.args)
+    while parts and not isinstance(parts[0], str):
+        parts = list(parts[0]) if isinstance(parts[0], tuple) else parts[1:]
+    return parts[0].split(" @ <")[0] if parts else type(error).__name__
 
 
 def _record(url: str, stamp: str, sample: dict) -> dict:
