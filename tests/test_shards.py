@@ -169,9 +169,12 @@ def test_two_processes_train_from_shards_as_one_process_does(tmp_path: Path) -> 
     logged = [json.loads(line) for line in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()]
     # Same samples, same global batches: the same loss at every step.
     assert max(abs(a - b) for a, b in zip(single.losses, [e["loss"] for e in logged], strict=True)) < 1e-4
-    # Both processes report the same three bad samples (the second one from the first's manifest); the
-    # train command prints its summary on every process.
-    reports = [part for part in printed.split("saved the bridge to b") if part.strip()]
-    assert len(reports) == 2 and reports[0].strip() == reports[1].strip(), printed
-    assert "skipped 3 " in reports[0] and reports[0].count(":corrupt: truncated") == 1, printed
-    assert reports[0].count(":nocaption: no caption") == 1 and reports[0].count(":blank: blank caption") == 1
+    # Each process reports the three bad samples (the second one from the first's manifest): the train
+    # command prints its summary on every process, the two interleaved on one stdout.
+    for line in (
+        "skipped 3 unreadable",
+        ":corrupt: truncated",
+        ":nocaption: no caption",
+        ":blank: blank caption",
+    ):
+        assert printed.count(line) == 2, printed
