@@ -242,7 +242,7 @@ def compare(folder: Path, encoder: str, rounds: int, grid: bool, work: Path) -> 
 
 
 def fidelity(bridge_dir: Path, scenes: int, side: int, work: Path) -> None:
-    """Reduced-scale decoding and int8 against full decoding and fp32, on the demo's held-out scenes
+    """Reduced-scale decoding, bf16 and int8 against full decoding and fp32, on the demo's held-out scenes
     rendered at `side` px and saved as JPEGs (quality 90, every other one stored sideways with EXIF
     rotation): cosine of the embeddings, and text->image R@1 over the held-out gallery."""
     from bridge.index import embed_images
@@ -267,7 +267,7 @@ def fidelity(bridge_dir: Path, scenes: int, side: int, work: Path) -> None:
         for decode, short_side in (("full", None), ("reduced", prep.short_side))
     }
     results = {}
-    for precision in ("fp32", "int8"):
+    for precision in ("fp32", "bf16", "int8"):
         bridge = TextBridge.from_pretrained(bridge_dir)
         bridge.encoder.run_with(encode_settings("cpu", precision))
         texts = bridge.encode_text(captions).numpy()
