@@ -56,8 +56,8 @@ def build_index(directory: Path, images: int, real: int) -> tuple[list[str], lis
     """The index in directory/index; (captions to query with, ids of the real scenes)."""
     from bridge.config import BridgeConfig
     from bridge.index import ImageIndex
-    from bridge.model import TextBridge
     from bridge.index_files import image_id
+    from bridge.model import TextBridge
 
     folder, model = directory / "scenes", directory / "model"
     folder.mkdir()

@@ -224,9 +224,7 @@ class AdapterSettings:
     alpha: int = checked(16, at_least=1)  # the update is scaled by alpha / r
     dropout: float = checked(0.0, at_least=0, below=1)
     # Parts of the bridge whose linear layers get an adapter; their base weights stay frozen.
-    targets: list[str] = checked(
-        factory=lambda: ["projector"], check=_adapter_targets, example="[projector]"
-    )
+    targets: list[str] = checked(factory=lambda: ["projector"], check=_adapter_targets, example="[projector]")
     # Also train the loss's temperature (and SigLIP's bias): they are saved with the adapter.
     train_temperature: bool = False
 

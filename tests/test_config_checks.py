@@ -99,9 +99,9 @@ BAD_VALUES = [
     ("train:\n  cache_dir: ''\n", "train.cache_dir is ''; it must be a non-empty string, or null"),
     (
         "train: null\n",
-        "train is null; it must be a mapping of loss, steps, batch_size, lr, weight_decay, "
-        "warmup_steps, grad_accum, mixed_precision, seed, held_out, eval_every, checkpoint_every, report_to, "
-        "cache_dir, num_workers, dense_weight, hard_negative_words",
+        "train is null; it must be a mapping of loss, steps, epochs, batch_size, lr, weight_decay, "
+        "warmup_steps, grad_accum, mixed_precision, seed, held_out, eval_every, checkpoint_every, "
+        "best_metric, cache, report_to, cache_dir, num_workers, dense_weight, hard_negative_words, lora",
     ),
     ("bridge: [encoder]\n", "bridge is ['encoder']; it must be a mapping of encoder, text, projector"),
     (
