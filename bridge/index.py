@@ -234,8 +234,7 @@ class ImageIndex:
         minus: str | Sequence[str] | None = None,
         like: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     ) -> tuple[str, np.ndarray]:
-        """(space, normalised query vector) of a `search`: what it looks up, in which space. A server
-        makes the vectors of concurrent queries one by one and looks them up together (`nearest`)."""
+        """(space, normalised query vector) of a `search`: what it looks up (`nearest`), in which space."""
         bridge = self._use_bridge(None)
         texts, images, minus = _as_list(text), _as_list(image), _as_list(minus)
         rows = [self._row_of(path) for path in _as_list(like)]
@@ -267,7 +266,7 @@ class ImageIndex:
         self, space: str, queries: np.ndarray, k: int = 10, backend: str = "auto"
     ) -> list[list[tuple[str, float]]]:
         """For each query vector (Q, D) of `space` ("text" or "image"), its k best (path, score), best
-        first. Q queries cost much less together than one by one (search.exact_search)."""
+        first."""
         backend = choose_backend(backend, len(self))
         if len(self) == 0:
             return [[] for _ in queries]

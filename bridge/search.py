@@ -44,8 +44,7 @@ RERANK_FACTOR = 32  # candidates re-scored exactly per result wanted (16 gave re
 TRAIN_ROWS = 65_536  # vectors the quantiser learns from: 16 centroids per sub-quantiser need few
 SHARD_ROWS = 100_000  # at least this many vectors a shard: below, a thread costs more than it saves
 MAX_SHARDS = 8  # the scan is bound by memory bandwidth, which a few cores already saturate
-CHUNK_ROWS = 16_384  # exact search in float32: rows upcast at a time (32 MB of 512-d vectors)
-FLOAT32_FROM_QUERIES = 2  # exact search with torch: from this many queries, float32 (exact_search)
+CHUNK_ROWS = 16_384  # NumPy exact search: rows upcast to float32 at a time (32 MB of 512-d vectors)
 
 
 @dataclass(frozen=True)
@@ -151,37 +150,32 @@ def exact_search(embeddings: np.ndarray, queries: np.ndarray, k: int) -> tuple[n
     """Top-k inner products of queries (Q, D) with float16 embeddings (N, D): (scores, rows), (Q, k) each,
     best first, scored in float32.
 
-    One query in a process that has torch loaded (the library, a server): one float16 matrix product
-    (torch reads the stored matrix as it is, ~10x faster here than upcasting it whole) picks
-    max(4k, k+64) candidates, which are re-scored in float32: float32-exact unless that many scores lie
-    within float16 rounding (under 5e-4) of the k-th. Several queries (a server's concurrent searches run
-    as one batch): every row scored in float32, CHUNK_ROWS upcast at a time, as the float16 product costs
-    each query the full price and the float32 one shares the reading of the rows (100,000 x 384, one
-    core, loaded machine: 4 queries 29 ms in float16 against 21 ms, 8 queries 58 ms against 23 ms). The
-    same without torch (a one-shot `dinobridge search` by text, which never imports it: the import alone
-    takes ~3.5 s), in NumPy.
+    In a process that has torch loaded (the library, a server), one float16 matrix product (torch reads
+    the stored matrix as it is, ~10x faster here than upcasting it) picks max(4k, k+64) candidates, which
+    are re-scored in float32: float32-exact unless that many scores lie within float16 rounding (under
+    5e-4) of the k-th. Without torch (a one-shot `dinobridge search` by text, which never imports it:
+    the import alone takes ~3.5 s), NumPy scores every row in float32, CHUNK_ROWS at a time.
+
+    Several queries cost about what each costs alone (100,000 x 384, one core: 9 ms a query in float16);
+    scoring them in float32, upcast chunk by chunk to share one reading of the rows, was measured slower
+    (2 queries 63 ms, 8 queries 116 ms against 19 and 69 ms).
     """
     queries = np.asarray(queries, np.float32)
     torch = _torch_if_loaded()
-    if torch is not None and len(queries) < FLOAT32_FROM_QUERIES:
-        rough = torch.from_numpy(queries).half() @ torch.from_numpy(np.asarray(embeddings, np.float16)).T
-        wanted = min(len(embeddings), max(4 * k, k + 64))
-        return rescore(embeddings, queries, torch.topk(rough, wanted, dim=1).indices.numpy(), k)
-    scores = _float32_scores(embeddings, queries, torch)
-    wanted = min(len(embeddings), k)
-    rows = np.argpartition(-scores, wanted - 1, axis=1)[:, :wanted]
-    return _best_first(np.take_along_axis(scores, rows, 1), rows)
-
-
-def _float32_scores(embeddings: np.ndarray, queries: np.ndarray, torch) -> np.ndarray:
-    """(Q, N) float32 inner products, CHUNK_ROWS rows upcast at a time; in torch when it is loaded."""
-    starts = range(0, len(embeddings), CHUNK_ROWS)
     if torch is None:
-        chunks = [queries @ np.asarray(embeddings[s : s + CHUNK_ROWS], np.float32).T for s in starts]
-    else:
-        stored, query = torch.from_numpy(np.asarray(embeddings, np.float16)), torch.from_numpy(queries)
-        chunks = [(query @ stored[s : s + CHUNK_ROWS].float().T).numpy() for s in starts]
-    return np.concatenate(chunks, axis=1)
+        scores = np.concatenate(
+            [
+                queries @ np.asarray(embeddings[start : start + CHUNK_ROWS], np.float32).T
+                for start in range(0, len(embeddings), CHUNK_ROWS)
+            ],
+            axis=1,
+        )
+        wanted = min(len(embeddings), k)
+        rows = np.argpartition(-scores, wanted - 1, axis=1)[:, :wanted]
+        return _best_first(np.take_along_axis(scores, rows, 1), rows)
+    rough = torch.from_numpy(queries).half() @ torch.from_numpy(np.asarray(embeddings, np.float16)).T
+    wanted = min(len(embeddings), max(4 * k, k + 64))
+    return rescore(embeddings, queries, torch.topk(rough, wanted, dim=1).indices.numpy(), k)
 
 
 def rescore(

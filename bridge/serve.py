@@ -25,7 +25,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -146,26 +146,23 @@ class RememberedTexts:
         return rows
 
 
-class SearchBatches:
-    """Searches run in batches, one batch at a time, and a search asked before is answered from memory.
+class RememberedSearches:
+    """Searches, each one's results remembered for its generation of the index: every page of results,
+    every return to a query ("back" in the browser), and "more like this" on the same image ask again.
+    An uploaded image is never remembered. Results are kept as deep as they were searched; a deeper page
+    searches again.
 
-    What a search costs is mostly reading the index's embeddings (100,000 x 384 float16: 77 MB) and, for a
-    new text, the text tower. So searches that arrive while a batch runs wait for it and then go together:
-    their new texts through the tower in one call, their vectors through one matrix product per space
-    (`ImageIndex.nearest`, which scores many queries for little more than one). Whichever waiting request
-    gets the turn runs everything that is waiting; no thread of its own. One batch at a time also keeps
-    concurrent searches from fighting over the cores (and over the GIL between their NumPy calls).
-
-    The results of a search are remembered for its generation of the index (each page of results, each
-    return to a query, asks again), as deep as it was searched; an uploaded image is never remembered.
+    Searches run in the requests' own threads, side by side on the cores (a text by the NumPy twin needs
+    no lock). Running concurrent searches as one batch was measured and rejected: on one core a batch costs
+    what its searches cost one by one (the MiniLM twin 18 ms a text at any batch size, the float16
+    product 9 ms a query; upcasting to share one float32 product was slower still), and one batch at a
+    time left the second core idle: 41 requests/s against 56 under 8 clients (benchmarks/RESULTS.md).
     """
 
     def __init__(self, queries: RememberedTexts, model_lock: threading.Lock, size: int = 1024):
         self.queries, self.model_lock, self.size = queries, model_lock, size
         self._found: OrderedDict[tuple, list[tuple[str, float]]] = OrderedDict()  # least recent first
-        self._waiting: list[_Search] = []
-        self._lock = threading.Lock()  # guards _found and _waiting
-        self._turn = threading.Lock()  # held by the request running a batch
+        self._lock = threading.Lock()
 
     def search(
         self,
@@ -176,84 +173,26 @@ class SearchBatches:
         upload: Image.Image | None,
         depth: int,
     ) -> list[tuple[str, float]]:
-        """The `depth` best (path, score) of the query, best first; raises what ImageIndex.search raises."""
+        """The `depth` best (path, score) of the query, best first; raises what ImageIndex.search raises.
+        `like`: indexed paths."""
         key = None if upload is not None else (snapshot.key, tuple(texts), tuple(minus), tuple(like))
         with self._lock:
             found = self._found.get(key) if key else None
             if found is not None and (len(found) >= depth or len(found) == len(snapshot.index)):
                 self._found.move_to_end(key)
                 return found[:depth]
-            search = _Search(snapshot, texts, minus, like, upload, depth)
-            self._waiting.append(search)
-        while not search.done:
-            with self._turn:
-                if search.done:  # an earlier turn ran it
-                    break
-                with self._lock:
-                    batch, self._waiting = self._waiting[:BATCH], self._waiting[BATCH:]
-                self._run(batch)
-        if search.error is not None:
-            raise search.error
+        # The torch tower and the encoder are not safe to share between threads (a heatmap uses them).
+        needs_model = upload is not None or ((texts or minus) and self.queries.twin is None)
+        images = [upload] if upload is not None else []
+        with self.model_lock if needs_model else contextlib.nullcontext():
+            found = snapshot.index.search(text=texts, image=images, minus=minus, like=like, k=depth)
         if key:
             with self._lock:
-                self._found[key] = search.found
+                self._found[key] = found
                 self._found.move_to_end(key)
                 while len(self._found) > self.size:
                     self._found.popitem(last=False)
-        return search.found
-
-    def _run(self, batch: list[_Search]) -> None:
-        texts = [text for search in batch for text in (*search.texts, *search.minus)]
-        # The torch tower and the encoder are not safe to share between threads (a heatmap uses them).
-        needs_model = any(s.upload is not None for s in batch) or (texts and self.queries.twin is None)
-        groups: dict[tuple[int, str], list[tuple[_Search, np.ndarray]]] = {}
-        try:
-            with self.model_lock if needs_model else contextlib.nullcontext():
-                if texts:  # all new texts in one call: each search below finds its own remembered
-                    try:
-                        self.queries.encode_texts(texts)
-                    except Exception:  # noqa: BLE001 (the search whose text it is raises it below)
-                        pass
-                for search in batch:
-                    try:
-                        images = [search.upload] if search.upload is not None else []
-                        space, vector = search.snapshot.index.query_vector(
-                            search.texts, images, search.minus, search.like
-                        )
-                        groups.setdefault((id(search.snapshot), space), []).append((search, vector))
-                    except Exception as error:  # noqa: BLE001 (raised in the request that asked)
-                        search.error = error
-            for (_, space), members in groups.items():
-                index, depth = members[0][0].snapshot.index, max(search.depth for search, _ in members)
-                try:
-                    found = index.nearest(space, np.stack([vector for _, vector in members]), depth)
-                except Exception as error:  # noqa: BLE001
-                    for search, _ in members:
-                        search.error = error
-                    continue
-                for (search, _), results in zip(members, found, strict=True):
-                    search.found = results
-        finally:
-            for search in batch:
-                search.done = True
-
-
-BATCH = 32  # searches in one batch at most
-
-
-@dataclass
-class _Search:
-    """One search waiting for its batch, and then its outcome."""
-
-    snapshot: Snapshot
-    texts: list[str]
-    minus: list[str]
-    like: list[str]  # indexed paths
-    upload: Image.Image | None
-    depth: int
-    found: list[tuple[str, float]] = field(default_factory=list)
-    error: Exception | None = None
-    done: bool = False
+        return found
 
 
 class LiveIndex:
@@ -344,7 +283,7 @@ def create_app(
     # The torch tower's tokenizer (its settings are set on every call) and the encoder are not safe to share
     # between threads; the NumPy twin is: it only reads its weights and its tokenizer.
     model_lock = threading.Lock()
-    searches = SearchBatches(queries, model_lock)
+    searches = RememberedSearches(queries, model_lock)
     decoding = threading.BoundedSemaphore(os.cpu_count() or 1)  # a decoded photo can take ~190 MB
     started = time.time()
 

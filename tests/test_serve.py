@@ -140,66 +140,50 @@ def test_text_queries_are_embedded_once_each_by_the_numpy_twin(
         ).json()
         for offset in (0, 3, 6)
     ]
-    # One call for the query's texts; paging asks for the same search again: remembered.
-    assert embedded == [["a red square", "blue"]]
+    assert embedded == [["a red square"], ["blue"]]  # paging asks for the same search again: remembered
     expected = index.search(text="a red square", minus="blue", k=9)  # the torch tower, in this process
     found = [(hit["path"], hit["score"]) for page in pages for hit in page["results"]]
     assert [path for path, _ in found] == relative(index, expected)
     np.testing.assert_allclose([s for _, s in found], [s for _, s in expected], atol=1e-5)
 
 
-def test_concurrent_searches_run_as_one_batch_each_with_its_own_results(
+def test_a_search_asked_again_is_answered_from_memory_for_its_generation(
     served, tiny_bridge, monkeypatch
 ) -> None:
-    _, index, _ = served
-    searches = serve_module.SearchBatches(serve_module.RememberedTexts(tiny_bridge, None), threading.Lock())
+    _, index, folder = served
+    searches = serve_module.RememberedSearches(
+        serve_module.RememberedTexts(tiny_bridge, None), threading.Lock()
+    )
     snapshot = serve_module.Snapshot(index, (1, 2, 3), {})
-    lookups, nearest = [], ImageIndex.nearest
-
-    def counted(self, space, queries, k=10, backend="auto"):
-        lookups.append((space, len(queries)))
-        return nearest(self, space, queries, k, backend)
-
     asked = [  # (texts, minus, like)
         (["a red square"], [], []),
         (["blue"], ["people"], []),
         ([], [], ["trips/photo003.png"]),
         (["noise"], [], ["photo001.png"]),
-        (["a red square"], [], ["not-indexed.png"]),  # fails alone
     ]
-    alone = [index.search(text=texts, minus=minus, like=like, k=5) for texts, minus, like in asked[:4]]
+    alone = [index.search(text=texts, minus=minus, like=like, k=5) for texts, minus, like in asked]
+    lookups, nearest = [], ImageIndex.nearest
+
+    def counted(self, space, queries, k=10, backend="auto"):
+        lookups.append(space)
+        return nearest(self, space, queries, k, backend)
+
     monkeypatch.setattr(ImageIndex, "nearest", counted)
-    outcomes: list = [None] * len(asked)
-
-    def ask(number: int) -> None:
-        try:
-            outcomes[number] = searches.search(snapshot, *asked[number], None, 5)
-        except ValueError as error:
-            outcomes[number] = error
-
-    threads = [threading.Thread(target=ask, args=(number,)) for number in range(len(asked))]
-    with searches._turn:  # as if a batch were running: every search waits for the next turn
-        for thread in threads:
-            thread.start()
-        for _ in range(500):
-            if len(searches._waiting) == len(asked):
-                break
-            threading.Event().wait(0.01)
-    for thread in threads:
-        thread.join(timeout=60)
-    assert sorted(lookups) == [("image", 1), ("text", 3)]  # one lookup a space for the whole batch
-    for found, expected in zip(outcomes, alone, strict=False):
+    for (texts, minus, like), expected in zip(asked, alone, strict=True):
+        found = searches.search(snapshot, texts, minus, like, None, 5)
         assert [path for path, _ in found] == [path for path, _ in expected]
         np.testing.assert_allclose([s for _, s in found], [s for _, s in expected], atol=1e-5)
-    assert isinstance(outcomes[4], ValueError) and "not-indexed.png" in str(outcomes[4])
+        assert searches.search(snapshot, texts, minus, like, None, 3) == found[:3]  # a shallower page
+    assert lookups == ["text", "text", "image", "text"]  # each searched once
 
-    # Asked again (a page back), not searched again; deeper, or in another generation, it is.
-    assert searches.search(snapshot, ["blue"], ["people"], [], None, 3) == outcomes[1][:3]
-    assert len(lookups) == 2
-    searches.search(snapshot, ["blue"], ["people"], [], None, 8)
-    newer = serve_module.Snapshot(index, (1, 2, 4), {})
-    searches.search(newer, ["blue"], ["people"], [], None, 3)
-    assert len(lookups) == 4
+    searches.search(snapshot, ["blue"], ["people"], [], None, 8)  # deeper than remembered
+    searches.search(serve_module.Snapshot(index, (1, 2, 4), {}), ["blue"], ["people"], [], None, 3)
+    upload = load_image(folder / "photo001.png")
+    searches.search(snapshot, [], [], [], upload, 3)
+    searches.search(snapshot, [], [], [], upload, 3)  # an upload is never remembered
+    assert len(lookups) == 8
+    with pytest.raises(ValueError, match="not-indexed.png"):
+        searches.search(snapshot, ["a red square"], [], ["not-indexed.png"], None, 5)
 
 
 # --- files by id ----------------------------------------------------------------------------------------
