@@ -58,6 +58,8 @@ STATIC = Path(__file__).parent / "static"
 # searches took p50 508 ms with torch's default threads and 20 ms with one: threads that contend for
 # busy cores wait on each other at every operation. Concurrent queries are the parallelism instead: text
 # queries by the NumPy twin run side by side, one thread each, and the rest take turns on the model.
+# Under 8 clients over 100,000 images (benchmarks/serve.py, quiet machine): 77 requests/s with one
+# thread, 63 with torch's default.
 SERVE_THREADS = 1
 PAGE = 24  # results a page unless asked: four rows of six thumbnails
 
