@@ -75,10 +75,12 @@ def test_two_process_training_matches_one_process_with_the_same_global_batch(tmp
 
 
 def test_a_global_batch_that_does_not_split_over_the_processes_is_refused(tmp_path: Path) -> None:
-    from training.align import _slice
+    from training.loop import process_slice
 
-    with pytest.raises(ValueError, match="set train.batch_size to a multiple of 2"):
-        _slice(torch.arange(33), 0, 2)
+    with pytest.raises(
+        ValueError, match="33 images does not split over 2 processes; set train.batch_size to a multiple of 2"
+    ):
+        process_slice(torch.arange(33), 0, 2, "images")
 
 
 def test_two_process_index_equals_the_one_process_index_and_so_does_its_update(

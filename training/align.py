@@ -33,6 +33,7 @@ from training.loop import (
     check_report_to,
     check_resume,
     epoch_order,
+    process_slice,
     run_cache_dir,
     run_loop,
     run_settings,
@@ -224,7 +225,7 @@ def fit(
         texts = data.train.captions[rows].to(accelerator.device)
         # Each process embeds its slice of the global batch; the losses see the whole batch. Outside
         # autocast: without a cache (train.cache false) the frozen encoder runs here, as it filled one.
-        features = data.train.features[_slice(images, rank, world)].to(accelerator.device)
+        features = data.train.features[process_slice(images, rank, world, "images")].to(accelerator.device)
         with accelerator.autocast():
             if config.dense_weight:
                 embeddings, patches = head(features, with_patches=True)
@@ -316,15 +317,6 @@ def gather_with_gradient(local: torch.Tensor) -> torch.Tensor:
     from torch.distributed._functional_collectives import all_gather_single
 
     return all_gather_single(local.contiguous(), 0, torch.distributed.group.WORLD)
-
-
-def _slice(images: torch.Tensor, rank: int, world: int) -> torch.Tensor:
-    if len(images) % world:
-        raise ConfigError(
-            f"the global batch of {len(images)} images does not split over {world} processes; "
-            f"set train.batch_size to a multiple of {world} (and no more than the training images)"
-        )
-    return images.view(world, -1)[rank]
 
 
 def sample_batch(
