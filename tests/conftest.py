@@ -31,3 +31,19 @@ def tiny_bridge():
     from bridge.model import TextBridge
 
     return TextBridge.from_config(tiny_bridge_config(width=32, num_heads=2))
+
+
+def stop_text_training_at(monkeypatch: pytest.MonkeyPatch, step: int):
+    """Make text-route training stop as Ctrl-C would when it draws the batch of `step` (counted from 1);
+    returns the real batch sampler, for the test to put back before it resumes."""
+    import training.align
+
+    real = training.align.sample_batch
+
+    def stops(data, config, batch):
+        if batch == step - 1:
+            raise KeyboardInterrupt
+        return real(data, config, batch)
+
+    monkeypatch.setattr(training.align, "sample_batch", stops)
+    return real

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import tiny_bridge_config
+from conftest import stop_text_training_at, tiny_bridge_config
 from safetensors.torch import load_file
 
 import training.align
@@ -146,14 +146,7 @@ def test_an_index_built_with_one_adapter_refuses_queries_through_another(two_ada
 
 def test_resume_continues_the_same_adapter_loss_curve(base, two_adapters, tmp_path, monkeypatch):
     whole, _ = two_adapters  # adapter 'a', trained in one go for 6 steps, with a checkpoint every 3
-    real_sample = training.align.sample_batch
-
-    def dies_at_step_5(data, config, step):
-        if step == 4:
-            raise KeyboardInterrupt
-        return real_sample(data, config, step)
-
-    monkeypatch.setattr(training.align, "sample_batch", dies_at_step_5)
+    real_sample = stop_text_training_at(monkeypatch, 5)
     assert train_adapter(tmp_path, base, tmp_path / "killed", "a", checkpoint_every=3) == 130
     assert not (tmp_path / "killed" / "model.safetensors").exists()
     monkeypatch.setattr(training.align, "sample_batch", real_sample)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_bridge_config
+from conftest import stop_text_training_at, tiny_bridge_config
 
 import training.align
 from bridge.config import ConfigError, RunConfig, TrainConfig, load_config
@@ -91,14 +91,7 @@ def test_best_metric_none_saves_the_last_step(tmp_path, scripted_metric):
 def test_the_best_step_survives_a_resume(tmp_path, scripted_metric, monkeypatch):
     # Peaks at step 3; killed at step 8, after the step-6 checkpoint; the resumed steps 9 and 12 score less.
     scripted_metric["script"] = {3: 0.75, 6: 0.5, 9: 0.25, 12: 0.5}
-    scripted_sample = training.align.sample_batch
-
-    def dies_at_step_8(data, config, batch):
-        if batch == 7:
-            raise KeyboardInterrupt
-        return scripted_sample(data, config, batch)
-
-    monkeypatch.setattr(training.align, "sample_batch", dies_at_step_8)
+    scripted_sample = stop_text_training_at(monkeypatch, 8)
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         train_text_bridge(tiny_run(), DATA, out, progress=False)

@@ -8,7 +8,7 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_bridge_config
+from conftest import stop_text_training_at, tiny_bridge_config
 
 import training.align
 from bridge.cli import main
@@ -189,14 +189,7 @@ def test_resuming_from_a_checkpoint_continues_the_same_loss_curve(tmp_path, monk
     _, whole = train_text_bridge(tiny_run(steps=12), "synthetic:40", tmp_path / "whole", progress=False)
 
     # Kill the run at step 9, after its step-6 checkpoint, then resume it to the end.
-    real_sample = training.align.sample_batch
-
-    def dies_at_step_9(data, config, step):
-        if step == 8:
-            raise KeyboardInterrupt
-        return real_sample(data, config, step)
-
-    monkeypatch.setattr(training.align, "sample_batch", dies_at_step_9)
+    real_sample = stop_text_training_at(monkeypatch, 9)
     with pytest.raises(KeyboardInterrupt):
         train_text_bridge(tiny_run(steps=12), "synthetic:40", tmp_path / "killed", progress=False)
     monkeypatch.setattr(training.align, "sample_batch", real_sample)
