@@ -224,17 +224,6 @@ class ImageIndex:
         this"; the file need not exist any more). `backend`: a name in search.BACKENDS ("exact", "faiss")
         or "auto" (exact up to search.EXACT_UP_TO images).
         """
-        space, query = self.query_vector(text, image, minus, like)
-        return self.nearest(space, query[None], k, backend)[0]
-
-    def query_vector(
-        self,
-        text: str | Sequence[str] | None = None,
-        image: Query | Sequence[Query] | None = None,
-        minus: str | Sequence[str] | None = None,
-        like: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
-    ) -> tuple[str, np.ndarray]:
-        """(space, normalised query vector) of a `search`: what it looks up (`nearest`), in which space."""
         bridge = self._use_bridge(None)
         texts, images, minus = _as_list(text), _as_list(image), _as_list(minus)
         rows = [self._row_of(path) for path in _as_list(like)]
@@ -260,21 +249,7 @@ class ImageIndex:
         parts = [bridge.encode_texts(texts).sum(0)] if texts else []
         parts += vectors
         parts += [-bridge.encode_texts(minus).sum(0)] if minus else []
-        return space, _normalize(np.sum(parts, axis=0))
-
-    def nearest(
-        self, space: str, queries: np.ndarray, k: int = 10, backend: str = "auto"
-    ) -> list[list[tuple[str, float]]]:
-        """For each query vector (Q, D) of `space` ("text" or "image"), its k best (path, score), best
-        first."""
-        backend = choose_backend(backend, len(self))
-        if len(self) == 0:
-            return [[] for _ in queries]
-        scores, rows = self._backend(backend, space).search(np.asarray(queries, np.float32), k)
-        return [
-            [(str(self.root / self.paths[row]), score) for score, row in zip(s, r, strict=True) if row >= 0]
-            for s, r in zip(scores.tolist(), rows.tolist(), strict=True)
-        ]
+        return self._nearest(space, _normalize(np.sum(parts, axis=0)), k, backend)
 
     def _row_of(self, path: str | os.PathLike) -> int:
         """The row of an indexed image, by its path (absolute, or relative to `root`)."""
@@ -293,6 +268,14 @@ class ImageIndex:
                 "file that is not indexed with image=...)"
             )
         return row
+
+    def _nearest(self, space: str, query: np.ndarray, k: int, backend: str) -> list[tuple[str, float]]:
+        backend = choose_backend(backend, len(self))
+        if len(self) == 0:
+            return []
+        scores, rows = self._backend(backend, space).search(query[None], k)
+        found = zip(scores[0].tolist(), rows[0].tolist(), strict=True)
+        return [(str(self.root / self.paths[row]), score) for score, row in found if row >= 0]
 
     def _backend(self, name: str, space: str) -> SearchBackend:
         """Back-end `name` over one space, built once for each committed state of the index."""

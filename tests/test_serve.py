@@ -162,13 +162,13 @@ def test_a_search_asked_again_is_answered_from_memory_for_its_generation(
         (["noise"], [], ["photo001.png"]),
     ]
     alone = [index.search(text=texts, minus=minus, like=like, k=5) for texts, minus, like in asked]
-    lookups, nearest = [], ImageIndex.nearest
+    lookups, nearest = [], ImageIndex._nearest
 
-    def counted(self, space, queries, k=10, backend="auto"):
+    def counted(self, space, query, k, backend):
         lookups.append(space)
-        return nearest(self, space, queries, k, backend)
+        return nearest(self, space, query, k, backend)
 
-    monkeypatch.setattr(ImageIndex, "nearest", counted)
+    monkeypatch.setattr(ImageIndex, "_nearest", counted)
     for (texts, minus, like), expected in zip(asked, alone, strict=True):
         found = searches.search(snapshot, texts, minus, like, None, 5)
         assert [path for path, _ in found] == [path for path, _ in expected]
