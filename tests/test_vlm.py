@@ -21,7 +21,7 @@ from bridge.images import ImageLoadError
 from bridge.llava_export import export_llava
 from bridge.model import read_safetensors
 from bridge.synthetic import SyntheticWorld
-from bridge.vlm import VisionLLM
+from bridge.vlm import IGNORE, VisionLLM
 from tests.conftest import TINY_DINOV2
 
 TINY_LLAMA = {
@@ -265,3 +265,49 @@ def test_from_config_leaves_the_callers_config_as_it_was():
     assert config == before and config.projector.in_dim is None
     assert model.config.projector.in_dim == TINY_DINOV2["hidden_size"]
     assert model.config.projector.out_dim == TINY_LLAMA["hidden_size"]
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_answer_loss_is_the_full_logits_loss_and_gradient(scenes, lora):
+    """Logits only where a label is predicted: the same loss and the same gradients as transformers'
+    loss over the full (B, L, vocab) logits, for a right-padded batch with labels in different places."""
+    model = tiny_vlm(lora=lora).train()
+    prompts = [model.chat_prompt("where is the star ?", 1), model.chat_prompt("a long caption of it", 1)]
+    images = [[scenes[0]], [scenes[1]]]
+    ids = model.batch(prompts, images, padding_side="right")["input_ids"]
+    labels = torch.full_like(ids, IGNORE)
+    labels[0, -4:-1], labels[1, 7:12] = ids[0, -4:-1], ids[1, 7:12]
+
+    def inputs():  # the visual tokens anew each time: the projector's graph is used up by a backward pass
+        batch = model.batch(prompts, images, padding_side="right")
+        return batch["input_ids"], batch["attention_mask"], batch["visual_tokens"], labels
+
+    trained = [p for p in model.parameters() if p.requires_grad]
+    full = model(*inputs()).loss
+    full_gradients = torch.autograd.grad(full, trained)
+    kept = model.answer_loss(*inputs())
+    kept_gradients = torch.autograd.grad(kept, trained)
+    assert torch.allclose(kept, full, atol=1e-6) and full.item() > 0
+    for mine, theirs in zip(kept_gradients, full_gradients, strict=True):
+        assert torch.allclose(mine, theirs, atol=1e-6)
+
+
+def test_answer_loss_without_logits_to_keep_takes_the_full_logits(scenes, monkeypatch):
+    """An LLM whose forward has no `logits_to_keep` (older architectures) gets transformers' own loss."""
+    model = tiny_vlm().train()
+    batch = model.batch([model.chat_prompt("where ?", 1)], [[scenes[0]]], padding_side="right")
+    labels = batch["input_ids"].clone()
+    inputs = (batch["input_ids"], batch["attention_mask"], batch["visual_tokens"], labels)
+    expected = model(*inputs).loss
+    plain_forward = model.llm.forward
+    monkeypatch.setattr(
+        model.llm,
+        "forward",
+        lambda inputs_embeds, attention_mask, position_ids, labels=None: plain_forward(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            labels=labels,
+        ),
+    )
+    assert torch.allclose(model.answer_loss(*inputs), expected)

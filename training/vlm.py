@@ -169,7 +169,7 @@ class TrainableParts(nn.Module):
     ) -> torch.Tensor:
         """The mean loss over the answer tokens of a batch made by `training_inputs`."""
         visual = self.model.visual_tokens(features) if features is not None else None
-        loss = self.model(input_ids, attention_mask, visual, labels).loss
+        loss = self.model.answer_loss(input_ids, attention_mask, visual, labels)
         if visual is None:
             # A batch without images leaves the projector without a gradient, and DDP waits for one of
             # every trained parameter: a zero gradient keeps the processes in step.
