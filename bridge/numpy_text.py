@@ -176,6 +176,14 @@ def _bert(model_config: dict, weights: dict[str, np.ndarray]):
     w = {name.removeprefix("bert."): array for name, array in weights.items()}
     heads, eps = model_config["num_attention_heads"], model_config.get("layer_norm_eps", 1e-12)
     layers = [f"encoder.layer.{i}." for i in range(model_config["num_hidden_layers"])]
+    for p in layers:  # queries, keys and values by one product: for a short query, a third of the calls
+        for part in ("weight", "bias"):
+            names = [f"{p}attention.self.{n}.{part}" for n in ("query", "key", "value")]
+            if all(name in w for name in names):
+                w[f"{p}attention.self.qkv.{part}"] = np.concatenate([w.pop(name) for name in names])
+    for name, array in w.items():  # each layer's W stored so that W.T is contiguous: x @ W.T ~10% faster
+        if name.startswith("encoder.") and array.ndim == 2:
+            w[name] = np.asfortranarray(array)
 
     def forward(ids: np.ndarray) -> np.ndarray:
         x = (
@@ -185,7 +193,7 @@ def _bert(model_config: dict, weights: dict[str, np.ndarray]):
         )
         x = _layer_norm(x, w, "embeddings.LayerNorm", eps)
         for p in layers:  # post-norm: attention, add, norm; feed-forward, add, norm
-            q, k, v = (_linear(x, w, f"{p}attention.self.{n}") for n in ("query", "key", "value"))
+            q, k, v = np.split(_linear(x, w, f"{p}attention.self.qkv"), 3, axis=-1)
             attended = _linear(_attention(q, k, v, heads), w, f"{p}attention.output.dense")
             x = _layer_norm(x + attended, w, f"{p}attention.output.LayerNorm", eps)
             hidden = act(_linear(x, w, f"{p}intermediate.dense"))
@@ -302,15 +310,26 @@ def _attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, heads: int, causal: 
 
 
 def _erf(x: np.ndarray) -> np.ndarray:
-    """erf to within 1.5e-7 (Abramowitz and Stegun 7.1.26), in float64: NumPy has no erf, and the exact
-    GELU of BERT needs one; the error is below float32's rounding of the result."""
-    t = 1.0 / (1.0 + 0.3275911 * np.abs(x))
-    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
-    return np.sign(x) * (1.0 - poly * np.exp(-x * x))
+    """erf to within 1.5e-7 (Abramowitz and Stegun 7.1.26): NumPy has no erf, and the exact GELU of BERT
+    needs one. In float32, as the tower's activations are: the GELU it gives is within 5e-7 of torch's
+    (the same as in float64, which took 6.5x as long: 2.9 ms against 0.44 for 30 tokens of MiniLM's 1,536
+    hidden units, a quarter of the tower's time)."""
+    one = np.float32(1.0)
+    t = one / (one + np.float32(0.3275911) * np.abs(x))
+    poly = t * _polynomial(t, (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429))
+    return np.sign(x) * (one - poly * np.exp(-x * x))
+
+
+def _polynomial(t: np.ndarray, coefficients: Sequence[float]) -> np.ndarray:
+    """c0 + c1 t + c2 t^2 + ... by Horner's rule, in t's dtype."""
+    result = np.full_like(t, coefficients[-1])
+    for coefficient in reversed(coefficients[:-1]):
+        result = result * t + t.dtype.type(coefficient)
+    return result
 
 
 _ACTIVATIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "gelu": lambda x: (0.5 * x * (1.0 + _erf(x.astype(np.float64) / math.sqrt(2.0)))).astype(np.float32),
+    "gelu": lambda x: np.float32(0.5) * x * (np.float32(1.0) + _erf(x * np.float32(1 / math.sqrt(2.0)))),
     "gelu_new": lambda x: 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3))),
     "quick_gelu": lambda x: x / (1.0 + np.exp(-1.702 * x)),
 }
