@@ -251,6 +251,13 @@ class ImageIndex:
         parts += [-bridge.encode_texts(minus).sum(0)] if minus else []
         return self._nearest(space, _normalize(np.sum(parts, axis=0)), k, backend)
 
+    def prepare(self, backend: str = "auto") -> None:
+        """Read both spaces' embeddings and build `backend` over them now, where a server wants it done
+        before its first query rather than by it."""
+        if len(self):
+            for space in ("text", "image"):
+                self._backend(choose_backend(backend, len(self)), space)
+
     def _row_of(self, path: str | os.PathLike) -> int:
         """The row of an indexed image, by its path (absolute, or relative to `root`)."""
         relative = Path(path)

@@ -40,7 +40,7 @@ from bridge.images import ImageLoadError, load_image
 from bridge.index import ImageIndex
 from bridge.index_files import MANIFEST, image_id, read_manifest
 from bridge.numpy_text import TextQueryEncoder
-from bridge.search import choose_backend
+from bridge.search import FLAT_UP_TO, import_faiss
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -62,6 +62,15 @@ STATIC = Path(__file__).parent / "static"
 # thread, 63 with torch's default.
 SERVE_THREADS = 1
 PAGE = 24  # results a page unless asked: four rows of six thumbnails
+
+
+def serving_backend(count: int) -> str:
+    """The back-end a server searches `count` images with. A one-shot search is exact up to
+    search.EXACT_UP_TO (100,000) images; a server answers many queries and each one's time adds to every
+    queued one's, so above FLAT_UP_TO it scans FAISS's 4-bit codes and re-scores the best candidates
+    exactly (search.py): over 100,000 x 384 on one core, 1.4 ms a query against 9 ms for the exact float16
+    product, with the same top 24 for 30 of 30 text queries (benchmarks/RESULTS.md). Exact without faiss."""
+    return "faiss" if count > FLAT_UP_TO and import_faiss() is not None else "exact"
 
 
 @dataclass(frozen=True)
@@ -87,6 +96,7 @@ class Snapshot:
     index: ImageIndex
     key: tuple[int, int, int]  # the manifest file's (inode, mtime, size) when it was opened
     paths_by_id: dict[str, str]  # image id -> path relative to the indexed folder
+    backend: str  # the search back-end (search.py) built for this generation: serving_backend
 
     @property
     def generation(self) -> int:
@@ -187,7 +197,9 @@ class RememberedSearches:
         needs_model = upload is not None or ((texts or minus) and self.queries.twin is None)
         images = [upload] if upload is not None else []
         with self.model_lock if needs_model else contextlib.nullcontext():
-            found = snapshot.index.search(text=texts, image=images, minus=minus, like=like, k=depth)
+            found = snapshot.index.search(
+                text=texts, image=images, minus=minus, like=like, k=depth, backend=snapshot.backend
+            )
         if key:
             with self._lock:
                 self._found[key] = found
@@ -238,9 +250,9 @@ class LiveIndex:
 
     def _open(self, key: tuple[int, int, int]) -> Snapshot:
         index = ImageIndex.load(self.directory, self.bridge)
-        for space in ("text", "image"):  # read now, not by the first query that meets this generation
-            index.store.view(space)
-        return Snapshot(index, key, {image_id(path): path for path in index.paths})
+        backend = serving_backend(len(index))
+        index.prepare(backend)  # read and built now, not by the first query that meets this generation
+        return Snapshot(index, key, {image_id(path): path for path in index.paths}, backend)
 
 
 def check_exposure(host: str, token: str | None) -> None:
@@ -446,7 +458,7 @@ def create_app(
         return {
             "images": len(snapshot.index),
             "generation": snapshot.generation,
-            "backend": choose_backend("auto", len(snapshot.index)),
+            "backend": snapshot.backend,
             "model": str(model_dir) if model_dir else snapshot.index.model_dir,
             "fingerprint": snapshot.index.fingerprint,
             "index": str(index_dir),

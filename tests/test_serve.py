@@ -26,6 +26,7 @@ from bridge.grounding import heatmaps, overlay_heatmap
 from bridge.images import load_image
 from bridge.index import ImageIndex
 from bridge.numpy_text import TextQueryEncoder
+from bridge.search import BACKENDS
 from bridge.serve import Limits, check_exposure, create_app, image_id
 
 LOCAL = "http://127.0.0.1:8000"  # what a browser on this machine sends as the Host
@@ -154,7 +155,7 @@ def test_a_search_asked_again_is_answered_from_memory_for_its_generation(
     searches = serve_module.RememberedSearches(
         serve_module.RememberedTexts(tiny_bridge, None), threading.Lock()
     )
-    snapshot = serve_module.Snapshot(index, (1, 2, 3), {})
+    snapshot = serve_module.Snapshot(index, (1, 2, 3), {}, "exact")
     asked = [  # (texts, minus, like)
         (["a red square"], [], []),
         (["blue"], ["people"], []),
@@ -177,7 +178,7 @@ def test_a_search_asked_again_is_answered_from_memory_for_its_generation(
     assert lookups == ["text", "text", "image", "text"]  # each searched once
 
     searches.search(snapshot, ["blue"], ["people"], [], None, 8)  # deeper than remembered
-    searches.search(serve_module.Snapshot(index, (1, 2, 4), {}), ["blue"], ["people"], [], None, 3)
+    searches.search(serve_module.Snapshot(index, (1, 2, 4), {}, "exact"), ["blue"], ["people"], [], None, 3)
     upload = load_image(folder / "photo001.png")
     searches.search(snapshot, [], [], [], upload, 3)
     searches.search(snapshot, [], [], [], upload, 3)  # an upload is never remembered
@@ -268,6 +269,27 @@ def test_status_says_what_is_served(served) -> None:
     status = client.get("/api/status").json()
     assert status["images"] == 13 and status["generation"] == 1 and status["backend"] == "exact"
     assert status["fingerprint"] == index.fingerprint and status["reload_error"] is None
+
+
+def test_a_large_index_is_searched_through_faiss_built_before_the_first_query(
+    served, tiny_bridge, tmp_path, monkeypatch
+) -> None:
+    _, index, _ = served
+    monkeypatch.setattr(serve_module, "FLAT_UP_TO", 5)  # "large": over 5 images
+    client = TestClient(
+        create_app(index.directory, bridge=tiny_bridge, thumbnail_dir=tmp_path), base_url=LOCAL
+    )
+
+    def build_again(*args):
+        raise AssertionError("the back-end is built when the generation is opened, not by a query")
+
+    monkeypatch.setattr(BACKENDS["faiss"], "build", build_again)
+    assert client.get("/api/status").json()["backend"] == "faiss"
+    for params in [{"q": "a red square"}, {"like": image_id("trips/photo003.png")}]:
+        body = client.get("/api/search", params={**params, "k": 6}).json()
+        like = ["trips/photo003.png"] if "like" in params else None
+        expected = index.search(text=params.get("q"), like=like, k=6, backend="exact")
+        assert [hit["path"] for hit in body["results"]] == relative(index, expected)
 
 
 def test_the_page_is_served_whole_with_nothing_from_elsewhere(served) -> None:
