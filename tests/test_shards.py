@@ -31,13 +31,20 @@ BAD = {
 }
 
 
-def _member(archive: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    archive.addfile(info, io.BytesIO(data))
+def write_tars(folder: Path, shards: list[list[tuple[str, bytes]]]) -> list[str]:
+    """Each list of (member name, bytes) as a tar shard of `folder`, 00000.tar, 00001.tar, ...; their paths."""
+    folder.mkdir()
+    paths = [str(folder / f"{number:05d}.tar") for number in range(len(shards))]
+    for path, members in zip(paths, shards, strict=True):
+        with tarfile.open(path, "w") as archive:
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                archive.addfile(info, io.BytesIO(data))
+    return paths
 
 
-def _image_bytes(image, format: str) -> bytes:
+def image_bytes(image, format: str) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format=format)
     return buffer.getvalue()
@@ -46,31 +53,32 @@ def _image_bytes(image, format: str) -> bytes:
 def write_shards(folder: Path) -> dict[str, str]:
     """Two shards of synthetic scenes: JPEG + .txt in the first, PNG + .json caption in the second, which
     also holds the BAD samples. Returns each good sample's origin ("shard:key") -> its caption."""
-    folder.mkdir()
     scenes = SyntheticWorld(0).scenes(0, GOOD + len(BAD))
-    good = {}
-    for number in range(2):
-        shard = str(folder / f"{number:05d}.tar")
-        with tarfile.open(shard, "w") as archive:
-            for index in range(number * 15, number * 15 + 15):
-                scene, key = scenes[index], f"{index:08d}"
-                caption = scene.captions(1)[0]
-                if number == 0:
-                    _member(archive, f"{key}.jpg", _image_bytes(scene.render(), "JPEG"))
-                    _member(archive, f"{key}.txt", caption.encode())
-                else:
-                    _member(archive, f"{key}.png", _image_bytes(scene.render(), "PNG"))
-                    _member(archive, f"{key}.json", json.dumps({"caption": caption, "url": "x"}).encode())
-                good[f"{shard}:{key}"] = caption
-            if number == 1:
-                photo = _image_bytes(scenes[-1].render(), "JPEG")
-                _member(archive, "corrupt.jpg", photo[: len(photo) // 2])
-                _member(archive, "corrupt.txt", b"a picture that was cut short")
-                _member(archive, "nocaption.jpg", photo)
-                _member(archive, "nocaption.json", b'{"url": "http://example.com/a.jpg"}')
-                _member(archive, "blank.jpg", photo)
-                _member(archive, "blank.txt", b"  \n")
-    return good
+    members: list[list[tuple[str, bytes]]] = [[], []]
+    captions = {}
+    for index, scene in enumerate(scenes[:GOOD]):
+        key, caption = f"{index:08d}", scene.captions(1)[0]
+        number = index // 15
+        if number == 0:
+            members[0] += [
+                (f"{key}.jpg", image_bytes(scene.render(), "JPEG")),
+                (f"{key}.txt", caption.encode()),
+            ]
+        else:
+            label = json.dumps({"caption": caption, "url": "x"}).encode()
+            members[1] += [(f"{key}.png", image_bytes(scene.render(), "PNG")), (f"{key}.json", label)]
+        captions[(number, key)] = caption
+    photo = image_bytes(scenes[-1].render(), "JPEG")
+    members[1] += [
+        ("corrupt.jpg", photo[: len(photo) // 2]),
+        ("corrupt.txt", b"a picture that was cut short"),
+        ("nocaption.jpg", photo),
+        ("nocaption.json", b'{"url": "http://example.com/a.jpg"}'),
+        ("blank.jpg", photo),
+        ("blank.txt", b"  \n"),
+    ]
+    shards = write_tars(folder, members)
+    return {f"{shards[number]}:{key}": caption for (number, key), caption in captions.items()}
 
 
 def run_config(tmp_path: Path, cache: str) -> Path:

@@ -112,11 +112,18 @@ def held_out_count(held_out: float | None, total: int) -> int:
     return round(total * held_out) if held_out < 1 else int(held_out)
 
 
-def held_out_split(pairs: list[Pair], held_out: float | None, seed: int) -> tuple[list[Pair], list[Pair]]:
-    """(train, held-out): a seeded shuffle, then `held_out` pairs (`held_out_count`) aside."""
+def synthetic_held_out_count(held_out: float | None, total: int) -> int:
+    """Held-out scenes of `synthetic:N`: new ones, which take nothing from training's `total`, so unset it
+    is the full HELD_OUT_CAP."""
+    return HELD_OUT_CAP if held_out is None else held_out_count(held_out, total)
+
+
+def held_out_split(pairs: list, held_out: float | None, seed: int, what: str = "pairs") -> tuple[list, list]:
+    """(train, held-out) of `pairs` (or conversations): a seeded shuffle, then `held_out` of them
+    (`held_out_count`) aside."""
     count = held_out_count(held_out, len(pairs))
     if not 0 <= count < len(pairs):
-        raise DataError(f"held_out={held_out} leaves no training data out of {len(pairs)} pairs; lower it")
+        raise DataError(f"held_out={held_out} leaves no training data out of {len(pairs)} {what}; lower it")
     order = list(range(len(pairs)))
     random.Random(seed).shuffle(order)
     return [pairs[i] for i in order[count:]], [pairs[i] for i in order[:count]]
@@ -372,6 +379,7 @@ def _is_id(value) -> bool:
 # ---- LLM route: conversations ------------------------------------------------------------------------------
 
 IMAGE_PLACEHOLDER = "<image>"  # LLaVA's data writes this in the human turn where each image goes
+CAPTION_PROMPT = "Describe the image."  # what image-caption data asks, as LLM-route conversations
 LLAVA_ROLES = {
     "human": "user",
     "user": "user",
@@ -383,7 +391,7 @@ LLAVA_ROLES = {
 
 @dataclass
 class Conversation:
-    images: list[str | Scene]  # in the order of the placeholders in the turns
+    images: list[str | Scene | ShardImage]  # in the order of the placeholders in the turns
     turns: list[tuple[str, str]]  # (role: user | assistant | system, text); images as <image> in user turns
     origin: str  # "llava.json: entry 12", for messages
     kind: str = ""  # synthetic questions: colour | shape | position | count | caption
@@ -420,18 +428,18 @@ def load_conversations(spec: str, image_root: str | None = None) -> list[Convers
     return conversations
 
 
-def caption_conversations(pairs: list[Pair], prompt: str = "Describe the image.") -> list[Conversation]:
+def caption_conversations(pairs: list[Pair], prompt: str = CAPTION_PROMPT) -> list[Conversation]:
     """Image-caption pairs as LLaVA stage-1 conversations: the image and a fixed prompt, the caption as
     the answer (the first caption of each pair)."""
     return [
-        Conversation(
-            [pair.image],
-            [("user", f"{IMAGE_PLACEHOLDER}\n{prompt}"), ("assistant", pair.captions[0])],
-            pair.origin,
-            "caption",
-        )
+        Conversation([pair.image], caption_turns(pair.captions[0], prompt), pair.origin, "caption")
         for pair in pairs
     ]
+
+
+def caption_turns(caption: str, prompt: str = CAPTION_PROMPT) -> list[tuple[str, str]]:
+    """A caption as a stage-1 conversation's turns: the image and `prompt` asked, the caption answered."""
+    return [("user", f"{IMAGE_PLACEHOLDER}\n{prompt}"), ("assistant", caption)]
 
 
 def synthetic_conversations(
@@ -439,7 +447,7 @@ def synthetic_conversations(
     seed: int = 0,
     start: int = 0,
     kinds: tuple[str, ...] = ("colour", "shape", "position", "count", "caption"),
-    caption_prompt: str = "Describe the image.",
+    caption_prompt: str = CAPTION_PROMPT,
 ) -> list[Conversation]:
     """One single-turn conversation per scene: a question of one of `kinds` (picked by a seeded draw among
     the kinds the scene can answer), or a caption request."""
@@ -476,8 +484,17 @@ def _llava_entry(entry, origin: str, base: Path) -> Conversation:
             f"conversation), got {_shown(names)}"
         )
     images = [_image_path(base, name, origin) for name in names]
-    turns = []
-    for number, turn in enumerate(entry["conversations"]):
+    turns = llava_turns(entry["conversations"], origin)
+    check_placeholders(turns, len(images), origin)
+    return Conversation(images, turns, origin)
+
+
+def llava_turns(turns: list, origin: str) -> list[tuple[str, str]]:
+    """LLaVA's `conversations` list ([{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", ...}])
+    as (role, text) turns; a turn that is not one, or no gpt/assistant turn to learn from, is a DataError
+    naming `origin` (a file's entry, or a shard sample's member)."""
+    checked = []
+    for number, turn in enumerate(turns):
         speaker = turn.get("from") if isinstance(turn, dict) else None
         role = LLAVA_ROLES.get(speaker) if isinstance(speaker, str) else None
         if role is None or not isinstance(turn.get("value"), str):
@@ -485,13 +502,17 @@ def _llava_entry(entry, origin: str, base: Path) -> Conversation:
                 f'{origin}, turn {number}: needs "from" (one of {", ".join(LLAVA_ROLES)}) and a "value" '
                 f"string, got {_shown(turn)}"
             )
-        turns.append((role, turn["value"]))
-    if not any(role == "assistant" for role, _ in turns):
+        checked.append((role, turn["value"]))
+    if not any(role == "assistant" for role, _ in checked):
         raise DataError(f"{origin}: has no gpt/assistant turn, so nothing to learn from")
+    return checked
+
+
+def check_placeholders(turns: list[tuple[str, str]], images: int, origin: str) -> None:
+    """Refuse turns whose IMAGE_PLACEHOLDERs are not one per image: each image is spliced in at one."""
     placeholders = sum(text.count(IMAGE_PLACEHOLDER) for _, text in turns)
-    if placeholders != len(images):
+    if placeholders != images:
         raise DataError(
-            f"{origin}: {len(images)} image(s) but {placeholders} {IMAGE_PLACEHOLDER} placeholder(s); "
+            f"{origin}: {images} image(s) but {placeholders} {IMAGE_PLACEHOLDER} placeholder(s); "
             f"put one {IMAGE_PLACEHOLDER} in the human turns per image"
         )
-    return Conversation(images, turns, origin)
