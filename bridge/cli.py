@@ -567,13 +567,7 @@ def _train(args) -> int:
     # The feature cache's size is shown before it is filled, -v or not: a user sees what a run will write.
     logging.getLogger("training.cache").setLevel(logging.INFO)
     config = load_config(args.config) if args.config else RunConfig()
-    if args.steps is not None:
-        if config.train.epochs is not None:
-            raise ConfigError(
-                f"--steps {args.steps} and train.epochs {config.train.epochs} both say how long to train; "
-                "drop --steps, or set train.epochs: null"
-            )
-        config.train.steps = args.steps
+    _set_steps(config.train, args.steps)
     if args.lora and config.train.lora is None:
         config.train.lora = AdapterSettings()
     if not args.lora and config.train.lora is not None:
@@ -581,12 +575,7 @@ def _train(args) -> int:
     _, result = train_text_bridge(
         config, args.data, args.out, args.resume, args.image_root, base=args.base, adapter=args.adapter
     )
-    if result.skipped:
-        print(f"skipped {len(result.skipped)} unreadable images:")
-        for origin, reason in result.skipped:
-            print(f"  {origin}: {reason}")
-    if config.train.epochs is not None:
-        print(f"train.epochs {config.train.epochs:g}: {result.steps} steps")
+    _print_run_length(result.skipped, config.train.epochs, result.steps)
     if result.metrics:
         print(f"held-out text->image R@1/5/10 {_recalls(result.metrics, 'text_to_image')}")
         print(f"held-out image->text R@1/5/10 {_recalls(result.metrics, 'image_to_text')}")
@@ -666,6 +655,28 @@ def _eval_zeroshot(args) -> int:
     return 0
 
 
+def _set_steps(train, steps: int | None) -> None:
+    """Apply `--steps` to a TrainConfig or VLMTrainConfig, refused where `train.epochs` says how long."""
+    if steps is None:
+        return
+    if train.epochs is not None:
+        raise ConfigError(
+            f"--steps {steps} and train.epochs {train.epochs} both say how long to train; "
+            "drop --steps, or set train.epochs: null"
+        )
+    train.steps = steps
+
+
+def _print_run_length(skipped: list[tuple[str, str]], epochs: float | None, steps: int) -> None:
+    """What both `train` verbs print first: the samples skipped, and the steps that epochs came to."""
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable images:")
+        for origin, reason in skipped:
+            print(f"  {origin}: {reason}")
+    if epochs is not None:
+        print(f"train.epochs {epochs:g}: {steps} steps")
+
+
 def _recalls(metrics: dict[str, float], direction: str) -> str:
     return " / ".join(f"{metrics[f'{direction}_R@{k}']:.3f}" for k in (1, 5, 10))
 
@@ -673,7 +684,12 @@ def _recalls(metrics: dict[str, float], direction: str) -> str:
 def _add_llm_route_commands(commands) -> None:
     train = commands.add_parser("train-vlm", help="train a VisionLLM: projector, then projector + LoRA")
     train.add_argument("--config", help="YAML VLM config (default: the offline default)")
-    train.add_argument("--data", required=True, help="LLaVA conversation .json, caption data or synthetic:N")
+    train.add_argument(
+        "--data",
+        required=True,
+        help="LLaVA conversation .json, caption data, synthetic:N, or webdataset shards of LLaVA "
+        "conversations or captions: 'shards/{00000..00127}.tar', a .txt list of shards, or a folder of .tar",
+    )
     train.add_argument("--image-root", help="folder image paths are relative to (default: the data file's)")
     train.add_argument(
         "--out",
@@ -720,14 +736,19 @@ def _train_vlm(args) -> int:
     from training.vlm import train_vlm
 
     config = load_config(args.config, VLMRunConfig) if args.config else VLMRunConfig()
-    for key in ("stage", "steps"):
-        if getattr(args, key) is not None:
-            setattr(config.train, key, getattr(args, key))
+    if args.stage is not None:
+        config.train.stage = args.stage
+    _set_steps(config.train, args.steps)
     _, result = train_vlm(config, args.data, args.out, args.resume, args.image_root, args.base)
-    for origin, reason in result.skipped:
-        print(f"skipped {origin}: {reason}")
+    _print_run_length(result.skipped, config.train.epochs, result.steps)
     for kind, accuracy in result.metrics.items():
         print(f"held-out answer accuracy, {kind}: {accuracy:.3f}")
+    if result.best:
+        name = result.best["best_metric"]
+        print(
+            f"kept step {result.best['best_step']} of {result.steps}, the best held-out {name} "
+            f"({result.best[name]:.4f}); the last step scored {result.best[f'last_{name}']:.4f}"
+        )
     print(f"saved the VisionLLM to {args.out}")
     return 0
 

@@ -138,6 +138,8 @@ SELECT_STRATEGIES = ("default", "full")
 REPORT_TO = ("none", "tensorboard", "wandb")  # accelerate's trackers a run logs to, besides train_log.jsonl
 # The text route's held-out metrics (training/evaluate.py: retrieval_recall) that can pick the best step.
 BEST_METRICS = tuple(f"{way}_R@{k}" for way in ("text_to_image", "image_to_text") for k in (1, 5, 10))
+# The LLM route's: the answer tokens' mean loss (lower is better) and exact-match answer accuracy.
+VLM_BEST_METRICS = ("loss", "accuracy")
 
 
 def _count_or_fraction(value: float) -> str | None:
@@ -324,6 +326,9 @@ class VLMTrainConfig:
     # the LLM side of the stage: the whole LLM in stage 0, the LoRA adapters in stage 2.
     freeze_projector: bool = False
     steps: int = checked(1000, at_least=1)
+    # Passes over the training conversations instead of `steps`, as TrainConfig.epochs: when set, it
+    # decides the steps, ceil(epochs x training conversations / (batch_size x grad_accum)).
+    epochs: float | None = checked(None, above=0)
     batch_size: int = checked(32, at_least=1)
     # LLaVA's group_by_length: batches of conversations of similar length, so fewer padding tokens are
     # computed. Where lengths cluster by kind it also makes batches of one kind, which can learn worse
@@ -350,9 +355,19 @@ class VLMTrainConfig:
     # `pip install "dinobridge[qlora]"`), computing in train.precision.
     quantization: str = checked("none", one_of=QUANTIZATIONS)
     seed: int = checked(0, **SEED)
-    # Conversations held out for evaluation: a count, or a fraction if < 1.
-    held_out: float = checked(200, at_least=0, check=_count_or_fraction)
+    # Conversations held out for evaluation: a count, or a fraction if < 1. null (the default): a tenth,
+    # at most 500 (synthetic:N holds out 500 new scenes), as TrainConfig.held_out.
+    held_out: float | None = checked(None, at_least=0, check=_count_or_fraction)
+    eval_every: int = checked(500, at_least=0)  # held-out evaluation; 0: only after training
     checkpoint_every: int = checked(500, at_least=0)  # 0: no checkpoints
+    # The held-out metric (every eval_every steps and at the end) whose best step's projector and LoRA
+    # are saved as the result: loss, the answer tokens' mean loss (lower is better; a forward pass), or
+    # accuracy, exact-match answers over every kind (higher is better; generates every answer, slower);
+    # none: the last step's.
+    best_metric: str = checked("loss", one_of=("none", *VLM_BEST_METRICS))
+    # false: no feature cache; the frozen encoder runs on each batch's images every step, as
+    # TrainConfig.cache (file data only: shards are read through the cache).
+    cache: bool = True
     report_to: str = checked("none", one_of=REPORT_TO)  # as TrainConfig.report_to
     cache_dir: str | None = None  # frozen-feature cache; None puts it under the output directory
     num_workers: int = checked(0, at_least=0)

@@ -25,6 +25,7 @@ Not here: what a step computes (align.py, vlm.py, prealign.py), data (data.py), 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -395,13 +396,32 @@ def steps_for_epochs(epochs: float, items: int, batch_size: int, grad_accum: int
     return max(1, math.ceil(epochs * items / per_step - 1e-9))  # 3 epochs of 100 in 10s: 30, not 31
 
 
-class BestCheckpoint:
-    """The trained tensors of the step that scored best on held-out `metric` (higher is better; the
-    earlier step wins a tie), as transformers' Trainer keeps with `load_best_model_at_end`, and the
-    metrics of the last step evaluated, to report both."""
+def with_epochs(config, items: int, what: str):
+    """`config` (a TrainConfig or VLMTrainConfig) with `steps` decided by its `epochs` over `items`
+    training `what` (logged), or as it is when `epochs` is unset."""
+    if config.epochs is None:
+        return config
+    steps = steps_for_epochs(config.epochs, items, config.batch_size, config.grad_accum)
+    log.info(
+        "train.epochs %g over %d training %s in batches of %d x %d: %d steps (train.steps unused)",
+        config.epochs,
+        items,
+        what,
+        min(config.batch_size, items),
+        config.grad_accum,
+        steps,
+    )
+    return dataclasses.replace(config, steps=steps)
 
-    def __init__(self, metric: str):
+
+class BestCheckpoint:
+    """The trained tensors of the step that scored best on held-out `metric` (higher is better, or lower
+    with `lower_is_better`, as for a loss; the earlier step wins a tie), as transformers' Trainer keeps
+    with `load_best_model_at_end`, and the metrics of the last step evaluated, to report both."""
+
+    def __init__(self, metric: str, lower_is_better: bool = False):
         self.metric = metric
+        self.sign = -1.0 if lower_is_better else 1.0
         self.step: int | None = None
         self.metrics: dict[str, float] = {}
         self.state: dict[str, torch.Tensor] | None = None
@@ -415,7 +435,7 @@ class BestCheckpoint:
                 f"({', '.join(metrics)}); choose one of those"
             )
         self.last_step, self.last_metrics = step, dict(metrics)
-        if self.step is None or metrics[self.metric] > self.metrics[self.metric]:
+        if self.step is None or self.sign * metrics[self.metric] > self.sign * self.metrics[self.metric]:
             self.step, self.metrics = step, dict(metrics)
             self.state = {k: v.detach().cpu().clone() for k, v in trainable.state_dict().items()}
 

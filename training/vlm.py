@@ -2,9 +2,11 @@
 fits the projector and LoRA adapters on the LLM on conversations. The loss counts answer tokens only.
 
 The encoder is frozen, so its features come from the feature cache (training/cache.py) and a step costs
-the projector and the LLM. Batches are a pure function of (seed, micro-batch number); the training loop
-around the step body here (optimiser, schedule, accumulation, log, checkpoints, resume) is loop.py, the
-same as the text route's, so `--resume` continues the same loss curve. A batch can run as sub-batches
+the projector and the LLM; `train.cache: false` runs the encoder on each batch instead. Data is LLaVA JSON,
+caption data, webdataset shards (training/shards.py) or synthetic scenes. Batches are a pure function of
+(seed, micro-batch number); the training loop around the step body here (optimiser, schedule,
+accumulation, log, checkpoints, resume, the best held-out step kept) is loop.py, the same as the text
+route's, so `--resume` continues the same loss curve. A batch can run as sub-batches
 of similar length (`train.sub_batches`): the same gradient, less padding. Stage 0 trains the whole LLM
 with the projector: only for the demo's tiny LLM, which starts with no language.
 
@@ -38,7 +40,7 @@ from bridge.config import ConfigError, VLMRunConfig, VLMTrainConfig
 from bridge.runtime import processes
 from bridge.vision import VisionFeatures
 from bridge.vlm import VisionLLM, pad
-from training.cache import CachedFeatures, FeatureCache
+from training.cache import CachedFeatures, EncodedFeatures, FeatureCache
 from training.data import (
     IMAGE_PLACEHOLDER,
     Conversation,
@@ -47,18 +49,23 @@ from training.data import (
     load_conversations,
     parse_synthetic_spec,
     synthetic_conversations,
+    synthetic_held_out_count,
 )
 from training.evaluate import answer_accuracy
 from training.loop import (
+    BestCheckpoint,
     check_out_dir,
+    check_report_to,
     check_resume,
     epoch_order,
     process_slice,
     run_cache_dir,
     run_loop,
     run_settings,
+    with_epochs,
     write_run_config,
 )
+from training.shards import check_cached, is_shard_spec, stream_conversation_shards
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +84,7 @@ class EncodedConversation:
 @dataclass
 class ConversationData:
     conversations: list[EncodedConversation]
-    features: CachedFeatures
+    features: CachedFeatures | EncodedFeatures
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (origin, reason)
 
     @classmethod
@@ -85,14 +92,20 @@ class ConversationData:
         cls,
         model: VisionLLM,
         conversations: Sequence[Conversation],
-        cache_dir: str | Path,
+        cache_dir: str | Path | None,
         workers: int = 0,
         progress: bool = True,
     ) -> ConversationData:
         """Encode every image once (cached) and tokenise every conversation; conversations with an
-        image the loader rejects are skipped with the reason."""
+        image the loader rejects are skipped with the reason. `cache_dir` None (`train.cache: false`):
+        every image is decoded once to find those, and batches are encoded as they are asked for."""
         pairs = list({pair.key: pair for c in conversations for pair in c.pairs()}.values())
-        features = FeatureCache(cache_dir, model.encoder).features(pairs, workers=workers, progress=progress)
+        if cache_dir is None:
+            features = EncodedFeatures.check(pairs, model.encoder, workers, progress)
+        else:
+            features = FeatureCache(cache_dir, model.encoder).features(
+                pairs, workers=workers, progress=progress
+            )
         row_of = {pair.key: row for row, pair in enumerate(features.pairs)}
         failed = dict(features.failures)
         encoded, skipped = [], []
@@ -245,8 +258,11 @@ def set_stage(model: VisionLLM, stage: int, freeze_projector: bool = False) -> N
 class VLMTrainResult:
     steps: int
     losses: list[float]
-    metrics: dict[str, float]  # held-out answer accuracy per kind
+    metrics: dict[str, float]  # held-out answer accuracy per kind, of the model kept
     skipped: list[tuple[str, str]]
+    # The kept step's held-out metrics, `best_metric`, `best_step`, `last_step` and the last step's figure
+    # (BestCheckpoint.report); empty without held-out data or with train.best_metric: none.
+    best: dict = field(default_factory=dict)
 
 
 def fit_vlm(
@@ -258,9 +274,12 @@ def fit_vlm(
     resume: bool = False,
     progress: bool = True,
 ) -> VLMTrainResult:
-    """Train for `config.steps` steps at `config.stage` through the training loop (loop.py); checkpoints
-    under out_dir/checkpoints/."""
+    """Train for `config.steps` steps (or `config.epochs` passes over the conversations) at
+    `config.stage` through the training loop (loop.py); checkpoints under out_dir/checkpoints/. With
+    `held_out`, it is evaluated every `config.eval_every` steps and at the last, and `config.best_metric`
+    leaves the model with the trained tensors of the best step."""
     check_settings(model, config)
+    config = with_epochs(config, len(data.conversations), "conversations")
     set_stage(model, config.stage, config.freeze_projector)
     if config.gradient_checkpointing:
         model.enable_gradient_checkpointing()
@@ -272,13 +291,43 @@ def fit_vlm(
         )
         return backward_batch(trainable, data, indices, lengths, config.sub_batches, accelerator)
 
+    def after_step(done: int) -> dict[str, float] | None:
+        if done != config.steps and not (config.eval_every and done % config.eval_every == 0):
+            return None
+        metrics = {"loss": held_out_loss(model, held_out)}
+        if config.best_metric == "accuracy":  # generating every answer: only when it picks the step
+            metrics["accuracy"] = evaluate_answers(model, held_out)["all"]
+        log.info("step %d: %s", done, ", ".join(f"held-out {k} {v:.4f}" for k, v in metrics.items()))
+        return metrics
+
+    evaluated = held_out is not None and len(held_out.conversations) > 0
+    best = BestCheckpoint(config.best_metric, lower_is_better=config.best_metric == "loss")
+    best = best if evaluated and config.best_metric != "none" else None
     model.to(processes().device).train()
     losses = run_loop(
-        TrainableParts(model), micro_step, config, out_dir, resume, progress, f"stage {config.stage}"
+        TrainableParts(model),
+        micro_step,
+        config,
+        out_dir,
+        resume,
+        progress,
+        f"stage {config.stage}",
+        after_step if evaluated else None,
+        best,
     )
     model.eval()
-    metrics = evaluate_answers(model, held_out) if held_out is not None else {}
-    return VLMTrainResult(config.steps, losses, metrics, data.skipped)
+    metrics = evaluate_answers(model, held_out) if evaluated else {}
+    report = best.report() if best is not None and best.step is not None else {}
+    if report:  # the model now holds the best step's trained tensors
+        log.info(
+            "kept step %d of %d: held-out %s %.4f (last step %.4f)",
+            best.step,
+            config.steps,
+            best.metric,
+            report[best.metric],
+            report[f"last_{best.metric}"],
+        )
+    return VLMTrainResult(config.steps, losses, metrics, data.skipped, report)
 
 
 def batch_indices(
@@ -352,9 +401,11 @@ def backward_batch(
         # Gradients are averaged once, after the last sub-batch; every earlier one only adds its own.
         wrapped = isinstance(trainable, nn.parallel.DistributedDataParallel)
         last = number == len(runs) - 1
+        # Outside autocast: without a cache (train.cache: false) the frozen encoder runs here, as in a fill.
+        inputs = training_inputs(model, data, part)
         with contextlib.nullcontext() if last or not wrapped else accelerator.no_sync(trainable):
             with accelerator.autocast():
-                part_loss = trainable(**training_inputs(model, data, part)) * share
+                part_loss = trainable(**inputs) * share
             accelerator.backward(part_loss * world)
         loss += part_loss.detach().float()
     return (accelerator.reduce(loss, "sum") if world > 1 else loss).item()
@@ -449,6 +500,21 @@ def training_inputs(model: VisionLLM, data: ConversationData, indices) -> dict:
 
 
 @torch.no_grad()
+def held_out_loss(model: VisionLLM, data: ConversationData, batch_size: int = 32) -> float:
+    """The mean loss over every answer token of `data` (a batch's mean loss weighted by its answer
+    tokens), the model in eval mode: what training minimises, measured on held-out conversations."""
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, answer_tokens(data, range(len(data.conversations)))
+    for start in range(0, len(data.conversations), batch_size):
+        indices = range(start, min(start + batch_size, len(data.conversations)))
+        loss = model.answer_loss(**training_batch(model, data, indices))
+        total += loss.float().item() * answer_tokens(data, indices)
+    model.train(was_training)
+    return total / max(tokens, 1)
+
+
+@torch.no_grad()
 def evaluate_answers(
     model: VisionLLM, data: ConversationData, batch_size: int = 64, max_new_tokens: int = 40
 ) -> dict[str, float]:
@@ -502,9 +568,12 @@ def train_vlm(
     check_resume(out_dir, settings, resume)
     state.wait_for_everyone()  # every process has looked at out_dir before the main one writes to it
     check_quantization(config.train)
+    check_report_to(config.train.report_to)
+    if is_shard_spec(data):
+        check_cached(data, config.train.cache)
     torch.manual_seed(config.train.seed)
-    # The base, the config and the data are all read before the cache is the first thing written.
-    # The frozen encoder and LLM load in the training precision; the trained parts stay float32.
+    # The base and the config are read before the cache is the first thing written (shards are read into
+    # it). The frozen encoder and LLM load in the training precision; the trained parts stay float32.
     loading = {"dtype": DTYPES[config.train.precision], "quantization": config.train.quantization}
     model = (
         VisionLLM.from_pretrained(base, **loading) if base else VisionLLM.from_config(config.vlm, **loading)
@@ -512,37 +581,61 @@ def train_vlm(
     if base and config.vlm.lora is not None and model.config.lora is None:
         model.config.lora = config.vlm.lora
     check_settings(model, config.train)
-    train_set, held_out_set = split_conversations(data, config.train, image_root)
-    workers = config.train.num_workers
-    train_data = ConversationData.prepare(model, train_set, cache_dir, workers, progress)
-    held_out = (
-        ConversationData.prepare(model, held_out_set, cache_dir, workers, progress) if held_out_set else None
-    )
+    # Under `accelerate launch` the main process reads the data and fills the cache; the others wait, then
+    # read the cache it filled (and, for shards, its manifest of the samples).
+    with state.main_process_first():
+        train_data, held_out, skipped = prepare_conversations(
+            model, data, config.train, cache_dir, image_root, progress and state.is_main_process
+        )
+        if state.is_main_process:
+            write_run_config(out_dir, settings)
     if base is None:  # a fresh projector; a resumed run overwrites it from its checkpoint anyway
         sample = list(range(min(512, len(train_data.features))))
         standardise_projector_input(model, train_data.features[sample])
-    if state.is_main_process:
-        write_run_config(out_dir, settings)
     result = fit_vlm(model, train_data, held_out, config.train, out_dir, resume=resume, progress=progress)
+    result.skipped = skipped
     if state.is_main_process:
         model.save_pretrained(out_dir)
-        (out_dir / "metrics.json").write_text(json.dumps(result.metrics, indent=2))
+        (out_dir / "metrics.json").write_text(json.dumps(result.metrics | result.best, indent=2))
     state.wait_for_everyone()
     return model, result
 
 
-def split_conversations(
-    data: str, config: VLMTrainConfig, image_root: str | None = None
-) -> tuple[list[Conversation], list[Conversation]]:
-    """(train, held-out). For synthetic:N the held-out scenes are new ones, never seen in training."""
-    conversations = load_conversations(data, image_root)
+def prepare_conversations(
+    model: VisionLLM,
+    data: str,
+    config: VLMTrainConfig,
+    cache_dir: Path,
+    image_root: str | None = None,
+    progress: bool = True,
+) -> tuple[ConversationData, ConversationData | None, list[tuple[str, str]]]:
+    """Read `data`, split off the held-out conversations and encode their images: (training, held-out
+    or None, every sample skipped as (origin, reason)).
+
+    Shards stream into the feature cache as they are read (training/shards.py). For synthetic:N the
+    held-out scenes are new ones, never seen in training; other data gives up `held_out` of its
+    conversations (unset: a tenth, at most 500)."""
+    unusable: list[tuple[str, str]] = []  # shards' bad samples: no conversation, no image, bad turns
+    if is_shard_spec(data):
+        cache = FeatureCache(cache_dir, model.encoder)
+        conversations, unusable = stream_conversation_shards(data, cache, config.num_workers, progress)
+    else:
+        conversations = load_conversations(data, image_root)
     if data.startswith("synthetic:"):
         _, seed = parse_synthetic_spec(data)
-        count = int(config.held_out if config.held_out >= 1 else config.held_out * len(conversations))
-        return conversations, synthetic_conversations(count, seed=seed, start=10**7) if count else []
-    if config.held_out == 0:
-        return conversations, []
-    return held_out_split(conversations, config.held_out, config.seed)
+        count = synthetic_held_out_count(config.held_out, len(conversations))
+        train, held_out = conversations, synthetic_conversations(count, seed=seed, start=10**7)
+    else:
+        train, held_out = held_out_split(conversations, config.held_out, config.seed, "conversations")
+    features = cache_dir if config.cache else None  # None: the encoder runs on each batch instead
+    train_data = ConversationData.prepare(model, train, features, config.num_workers, progress)
+    held_out_data = (
+        ConversationData.prepare(model, held_out, features, config.num_workers, progress)
+        if held_out
+        else None
+    )
+    skipped = unusable + train_data.skipped + (held_out_data.skipped if held_out_data else [])
+    return train_data, held_out_data, skipped
 
 
 def frozen_state(model: VisionLLM) -> dict[str, np.ndarray]:
