@@ -26,6 +26,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -34,6 +35,7 @@ from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, Uploa
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.datastructures import MutableHeaders
 
 from bridge.adapters import adapter_with_fingerprint
 from bridge.images import ImageLoadError, load_image
@@ -255,6 +257,73 @@ class LiveIndex:
         return Snapshot(index, key, {image_id(path): path for path in index.paths}, backend)
 
 
+class Guard:
+    """Every request's checks before the app sees it: the token (or, without one, a loopback Host), an
+    upload's declared size; and every answer's `nosniff` header and, for the page opened with its token,
+    the cookie its own requests carry.
+
+    A plain ASGI middleware, not FastAPI's `@app.middleware("http")`: that one runs each response through
+    a stream of its own and a task, ~10% of a remembered search's time (py-spy, benchmarks/serve.py)."""
+
+    def __init__(self, app, token: str | None, limits: Limits):
+        self.app, self.token, self.limits = app, token, limits
+        cookie = SimpleCookie()  # quoted as a cookie must be, whatever characters the token has
+        if token:
+            cookie[TOKEN_COOKIE] = token
+            cookie[TOKEN_COOKIE].update({"httponly": True, "path": "/", "samesite": "strict"})
+        self.cookie = cookie.output(header="").strip()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        refusal = self.refusal(request)
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            return
+        token = self.token
+        page_with_token = token and request.url.path == "/" and request.query_params.get("token") == token
+
+        async def send_with_headers(message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                headers.append("X-Content-Type-Options", "nosniff")
+                if page_with_token:
+                    # The page's own requests (thumbnails are <img> tags, which send no headers) carry it.
+                    headers.append("Set-Cookie", self.cookie)
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+    def refusal(self, request: Request) -> JSONResponse | None:
+        if self.token:
+            given = _given_token(request)
+            if given is None or not hmac.compare_digest(given.encode(), self.token.encode()):
+                return _refuse(
+                    401,
+                    "this server needs its token: open the page once as /?token=<token>, or send the header "
+                    "'Authorization: Bearer <token>'",
+                )
+        elif request.url.hostname not in LOOPBACK_HOSTS:
+            return _refuse(
+                421,
+                f"this server answers requests addressed to 127.0.0.1 or localhost only, not "
+                f"'{request.headers.get('host', '')}'; to serve other machines start it with a token",
+            )
+        if request.method == "POST":
+            length = request.headers.get("content-length")
+            if length is None:
+                return _refuse(411, "send the upload with a Content-Length header (no chunked uploads)")
+            if not length.isdigit() or int(length) > self.limits.upload_bytes + 64 * 1024:
+                return _refuse(413, _too_many_bytes(int(length) if length.isdigit() else -1, self.limits))
+        return None
+
+
+def _refuse(status: int, detail: str) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status)
+
+
 def check_exposure(host: str, token: str | None) -> None:
     """Refuse to bind beyond this machine without a token: anyone who reaches the port could browse."""
     if host not in LOOPBACK_HOSTS and not token:
@@ -308,42 +377,12 @@ def create_app(
         redoc_url=None,
     )
 
-    def refuse(status: int, detail: str) -> JSONResponse:
-        return JSONResponse({"detail": detail}, status_code=status)
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        if token:
-            given = _given_token(request)
-            if given is None or not hmac.compare_digest(given.encode(), token.encode()):
-                return refuse(
-                    401,
-                    "this server needs its token: open the page once as /?token=<token>, or send the header "
-                    "'Authorization: Bearer <token>'",
-                )
-        elif request.url.hostname not in LOOPBACK_HOSTS:
-            return refuse(
-                421,
-                f"this server answers requests addressed to 127.0.0.1 or localhost only, not "
-                f"'{request.headers.get('host', '')}'; to serve other machines start it with a token",
-            )
-        if request.method == "POST":
-            length = request.headers.get("content-length")
-            if length is None:
-                return refuse(411, "send the upload with a Content-Length header (no chunked uploads)")
-            if not length.isdigit() or int(length) > limits.upload_bytes + 64 * 1024:
-                return refuse(413, _too_many_bytes(int(length) if length.isdigit() else -1, limits))
-        response = await call_next(request)
-        response.headers["X-Content-Type-Options"] = "nosniff"
-        if token and request.query_params.get("token") == token and request.url.path == "/":
-            # The page's own requests (thumbnails are <img> tags, which send no headers) carry the cookie.
-            response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="strict")
-        return response
+    app.add_middleware(Guard, token=token, limits=limits)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
         problems = [f"{' '.join(str(part) for part in e['loc'])}: {e['msg']}" for e in error.errors()]
-        return refuse(422, "; ".join(problems))
+        return _refuse(422, "; ".join(problems))
 
     def snapshot_image(snapshot: Snapshot, image: str) -> tuple[str, Path]:
         """(relative path, file) of an indexed image by id; 404 when the index does not hold it."""
@@ -548,6 +587,9 @@ def serve(
             threadpool_limits(threads, user_api="blas")
         except ImportError:
             pass
+        faiss = import_faiss()
+        if faiss is not None:  # and FAISS its OpenMP pool: idle threads spinning on a busy core cost it
+            faiss.omp_set_num_threads(threads)
     app = create_app(index_dir, model_dir, token)
     uvicorn.run(app, host=host, port=port, log_level=log_level, workers=1)
 
