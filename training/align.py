@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -37,12 +37,12 @@ from training.loop import (
     run_cache_dir,
     run_loop,
     run_settings,
-    steps_for_epochs,
+    with_epochs,
     write_run_config,
 )
 from training.losses import LOSSES, dense_loss
 from training.negatives import hard_negatives
-from training.shards import is_shard_spec, stream_shards
+from training.shards import check_cached, is_shard_spec, stream_shards
 
 log = logging.getLogger(__name__)
 
@@ -114,11 +114,7 @@ class AlignmentData:
         """
         unusable: list[tuple[str, str]] = []  # shards' bad samples: no caption, a blank one, no image
         if is_shard_spec(data):  # streamed into the feature cache as they are read (training/shards.py)
-            if not config.cache:
-                raise ConfigError(
-                    f"webdataset shards '{data}' are read through the feature cache; train.cache: false "
-                    "takes file data sets only: set train.cache: true (and train.cache_dir on a large disk)"
-                )
+            check_cached(data, config.cache)
             cache = FeatureCache(cache_dir, bridge.encoder)
             pairs, unusable = stream_shards(data, cache, config.num_workers, progress)
         else:
@@ -206,18 +202,7 @@ def fit(
     pairs) through the training loop (loop.py); checkpoints under out_dir/checkpoints/. With
     `config.best_metric`, the bridge is left with the projector of the best held-out step."""
     loss_fn = loss_function(config.loss)
-    if config.epochs is not None:
-        images = len(data.train.features)
-        steps = steps_for_epochs(config.epochs, images, config.batch_size, config.grad_accum)
-        log.info(
-            "train.epochs %g over %d training images in batches of %d x %d: %d steps (train.steps unused)",
-            config.epochs,
-            images,
-            min(config.batch_size, images),
-            config.grad_accum,
-            steps,
-        )
-        config = replace(config, steps=steps)
+    config = with_epochs(config, len(data.train.features), "images")
 
     def micro_step(accelerator: Accelerator, head: nn.Module, batch: int) -> float:
         rank, world = accelerator.process_index, accelerator.num_processes
