@@ -70,13 +70,79 @@ def test_minilm_twin_tokenizes_and_truncates_as_transformers() -> None:
     assert_twin_equals_torch(TextConfig(max_length=8), TEXTS)
 
 
+def tiny_clip(folder: Path, legacy_eos: bool) -> TextConfig:
+    """A tiny random CLIP text model (16 positions) saved in `folder`, and the config of its tower."""
+    save_tiny_hf_text_model(folder, "hf-clip")
+    if legacy_eos:  # CLIP checkpoints from before transformers' fix say 2 and pool at the largest id
+        settings = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**settings, "eos_token_id": 2}))
+    return TextConfig(kind="hf-clip", name=str(folder))
+
+
 @pytest.mark.parametrize("legacy_eos", [False, True])
 def test_clip_twin_equals_the_torch_tower(tmp_path: Path, legacy_eos: bool) -> None:
-    save_tiny_hf_text_model(tmp_path, "hf-clip")
-    if legacy_eos:  # CLIP checkpoints from before transformers' fix say 2 and pool at the largest id
-        settings = json.loads((tmp_path / "config.json").read_text())
-        (tmp_path / "config.json").write_text(json.dumps({**settings, "eos_token_id": 2}))
-    assert_twin_equals_torch(TextConfig(kind="hf-clip", name=str(tmp_path)), TEXTS)
+    assert_twin_equals_torch(tiny_clip(tmp_path, legacy_eos), TEXTS)
+
+
+# Texts of very different lengths for one call: a word, a query, a caption, ~60 words (past the tiny
+# towers' limits) and 300 (past MiniLM's 256 tokens): the longest are cut to the limit.
+PACK = [
+    "star",
+    "a small red star in the top left number 123",
+    "a red circle on the left of a blue square and three green triangles below it",
+    "the quick brown fox jumps over the lazy dog " * 7,
+    "cat",
+    "the same word " * 100,
+]
+
+
+def assert_packed_equals_alone(twin, limit: int, monkeypatch) -> None:
+    """The texts of one call run as one pack, in one forward pass, and each gets what it gets alone; a call
+    longer than PACK_TOKENS runs as several packs, with the same result."""
+    from bridge import numpy_text
+
+    lengths = [len(twin.tokenizer.encode(text).ids) for text in PACK]
+    assert min(lengths) <= 3 and max(lengths) == limit  # the pack really mixes lengths, up to the limit
+    alone = np.concatenate([twin.encode([text]) for text in PACK])
+    passes, forward = [], twin.forward
+    monkeypatch.setattr(twin, "forward", lambda pack: passes.append(len(pack.texts)) or forward(pack))
+    packed = twin.encode(PACK)
+    assert passes == [len(PACK)] and packed.dtype == np.float32 and packed.shape == alone.shape
+    np.testing.assert_allclose(packed, alone, atol=1e-6, rtol=0)
+    monkeypatch.setattr(numpy_text, "PACK_TOKENS", limit)
+    passes.clear()
+    np.testing.assert_allclose(twin.encode(PACK), alone, atol=1e-6, rtol=0)
+    assert len(passes) >= 2 and sum(passes) == len(PACK)
+
+
+def test_minilm_twin_packs_texts_as_it_runs_them_alone(monkeypatch) -> None:
+    assert_packed_equals_alone(numpy_tower(TextConfig()), 256, monkeypatch)
+
+
+@pytest.mark.parametrize(
+    "pooling, dense, normalize",
+    [
+        ("cls", True, True),
+        ("mean", False, False),
+        ("max", True, False),
+        ("weightedmean", False, True),
+        ("lasttoken", False, False),
+        ("mean_sqrt_len_tokens", True, True),
+    ],
+)
+def test_sentence_twin_packs_texts_as_it_runs_them_alone(
+    tmp_path: Path, monkeypatch, pooling, dense, normalize
+) -> None:
+    from test_sentence_towers import MAX_SEQ_LENGTH, save_sentence_model  # skips without the library
+
+    save_sentence_model(tmp_path, pooling, dense, normalize)
+    twin = numpy_tower(TextConfig(kind="sentence-transformers", name=str(tmp_path / "model")))
+    assert_packed_equals_alone(twin, MAX_SEQ_LENGTH, monkeypatch)
+
+
+@pytest.mark.parametrize("legacy_eos", [False, True])
+def test_clip_twin_packs_texts_as_it_runs_them_alone(tmp_path: Path, monkeypatch, legacy_eos: bool) -> None:
+    assert_packed_equals_alone(numpy_tower(tiny_clip(tmp_path, legacy_eos)), 16, monkeypatch)
 
 
 def test_a_random_bert_with_other_sizes_and_prefixed_weights(tmp_path: Path) -> None:
