@@ -161,7 +161,7 @@ def exact_search(embeddings: np.ndarray, queries: np.ndarray, k: int) -> tuple[n
     (2 queries 63 ms, 8 queries 116 ms against 19 and 69 ms).
     """
     queries = np.asarray(queries, np.float32)
-    torch = _torch_if_loaded()
+    torch = torch_if_loaded()
     if torch is None:
         scores = np.concatenate(
             [
@@ -188,7 +188,7 @@ def rescore(
     """
     candidates = np.asarray(candidates, np.int64)
     missing = candidates < 0
-    torch = _torch_if_loaded()
+    torch = torch_if_loaded()
     if torch is None:
         vectors = np.asarray(embeddings, np.float16)[candidates.clip(min=0)].astype(np.float32)
         scores = np.einsum("qcd,qd->qc", vectors, np.asarray(queries, np.float32))
@@ -211,7 +211,7 @@ def _best_first(scores: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.nd
     return np.take_along_axis(scores, order, 1), np.take_along_axis(rows, order, 1)
 
 
-def _torch_if_loaded():
+def torch_if_loaded():
     """torch if this process has already imported it, else None: worth using then, not worth importing."""
     return sys.modules.get("torch")
 

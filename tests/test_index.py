@@ -611,7 +611,7 @@ def test_exact_search_and_rescore_agree_with_and_without_torch(monkeypatch: pyte
     queries = np.random.default_rng(1).standard_normal((3, 32)).astype(np.float32)
     candidates = np.array([[5, -1, 7, 9], [0, 1, 2, -1], [3, 3, 8, 4]])
     with_torch = exact_search(vectors, queries, 10), rescore(vectors, queries, candidates, 3)
-    monkeypatch.setattr(search, "_torch_if_loaded", lambda: None)
+    monkeypatch.setattr(search, "torch_if_loaded", lambda: None)
     without = exact_search(vectors, queries, 10), rescore(vectors, queries, candidates, 3)
     for (scores, rows), (numpy_scores, numpy_rows) in zip(with_torch, without, strict=True):
         np.testing.assert_array_equal(numpy_rows, rows)

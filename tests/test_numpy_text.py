@@ -20,6 +20,7 @@ import transformers
 from test_index import make_photos
 from test_text import CAPTIONS, minilm_folder, save_tiny_hf_text_model
 
+from bridge import numpy_text
 from bridge.config import TextConfig
 from bridge.index import ImageIndex
 from bridge.numpy_text import TextQueryEncoder, numpy_tower
@@ -99,7 +100,6 @@ PACK = [
 def assert_packed_equals_alone(twin, limit: int, monkeypatch) -> None:
     """The texts of one call run as one pack, in one forward pass, and each gets what it gets alone; a call
     longer than PACK_TOKENS runs as several packs, with the same result."""
-    from bridge import numpy_text
 
     lengths = [len(twin.tokenizer.encode(text).ids) for text in PACK]
     assert min(lengths) <= 3 and max(lengths) == limit  # the pack really mixes lengths, up to the limit
@@ -228,10 +228,21 @@ def test_an_image_query_through_a_query_encoder_says_what_it_needs(tmp_path: Pat
 def test_the_cli_falls_back_to_torch_for_a_tower_without_a_twin(
     tmp_path: Path, tiny_bridge, monkeypatch
 ) -> None:
-    from bridge import numpy_text
     from bridge.cli import main
 
     monkeypatch.setattr(numpy_text, "numpy_tower", lambda config: None)
     index_photos(tmp_path, tiny_bridge, 3)
     assert TextQueryEncoder.from_pretrained(tmp_path / "bridge") is None
     assert main(["search", str(tmp_path / "index"), "a red square", "-k", "2"]) == 0
+
+
+def test_the_gelu_without_torch_is_torchs_gelu(monkeypatch):
+    """A one-shot search never imports torch: its twin's GELU is NumPy's polynomial erf, not torch's."""
+    x = np.linspace(-8, 8, 4001, dtype=np.float32).reshape(1, -1)
+    with_torch = numpy_text._gelu(x)
+    monkeypatch.setattr(numpy_text, "torch_if_loaded", lambda: None)
+    without = numpy_text._gelu(x)
+    expected = torch.nn.functional.gelu(torch.from_numpy(x).double()).numpy()
+    np.testing.assert_allclose(with_torch, expected, atol=5e-7)
+    np.testing.assert_allclose(without, expected, atol=5e-7)
+    assert without.dtype == np.float32 and not np.array_equal(with_torch, without)  # two different ways
