@@ -64,6 +64,7 @@ STATIC = Path(__file__).parent / "static"
 # thread, 63 with torch's default.
 SERVE_THREADS = 1
 PAGE = 24  # results a page unless asked: four rows of six thumbnails
+PACK_TEXTS = 16  # new query texts embedded in one run at most (a run of 8 costs about 4 alone)
 
 
 def serving_backend(count: int) -> str:
@@ -128,14 +129,24 @@ def search_query(
 
 class RememberedTexts:
     """The bridge, with each query text's embedding remembered: every page of results, every return to a
-    query, asks for the same texts again. Where the tower has a NumPy twin (numpy_text.py) the texts are
-    embedded by it, about twice as fast on one core as the torch tower (offline default, MiniLM: 13 ms
-    against 21 ms a short query). Anything else is asked of the bridge itself."""
+    query, asks for the same texts again. Anything but a NumPy twin is asked of the bridge itself.
 
-    def __init__(self, bridge: TextBridge, twin: TextQueryEncoder | None, size: int = 4096):
+    Where the tower has a NumPy twin (numpy_text.py), new texts from concurrent requests are embedded
+    together: the twin runs the texts of one call as one packed forward pass, 5.4-5.7 ms a text for 8
+    against 10-11 ms alone (MiniLM, 12 tokens, one core). At most `runs` embedding runs go at a time (one a
+    core); a request whose texts are not yet taken waits for a run to end and then takes everything waiting,
+    its own texts and other requests', so a run packs whatever queued behind the one before."""
+
+    def __init__(
+        self, bridge: TextBridge, twin: TextQueryEncoder | None, size: int = 4096, runs: int | None = None
+    ):
         self.bridge, self.twin, self.size = bridge, twin, size
+        self.runs = runs or os.cpu_count() or 1
         self._embeddings: OrderedDict[str, np.ndarray] = OrderedDict()  # text -> (E,), least recent first
-        self._lock = threading.Lock()
+        self._waiting: dict[str, None] = {}  # texts asked for that no run has taken yet, in order
+        self._taken: set[str] = set()  # texts a run is embedding
+        self._running = 0
+        self._changed = threading.Condition()  # guards all of the above
 
     def __getattr__(self, name: str):
         return getattr(self.bridge, name)
@@ -145,19 +156,40 @@ class RememberedTexts:
 
     def encode_texts(self, texts: Sequence[str] | str) -> np.ndarray:
         texts = [texts] if isinstance(texts, str) else list(texts)
-        with self._lock:
-            new = [text for text in dict.fromkeys(texts) if text not in self._embeddings]
-        if new:
-            vectors = (self.twin or self.bridge).encode_texts(new)
-            with self._lock:
-                self._embeddings.update(zip(new, vectors, strict=True))
-        with self._lock:
+        with self._changed:
+            while True:
+                missing = [text for text in dict.fromkeys(texts) if text not in self._embeddings]
+                if not missing:
+                    break
+                # A text whose run failed is neither taken nor embedded: asked for again, it is retried.
+                self._waiting.update((text, None) for text in missing if text not in self._taken)
+                if self._waiting and (self.twin is None or self._running < self.runs):
+                    self._run()
+                else:
+                    self._changed.wait()
             for text in texts:
                 self._embeddings.move_to_end(text)
             rows = np.stack([self._embeddings[text] for text in texts])
             while len(self._embeddings) > self.size:
                 self._embeddings.popitem(last=False)
         return rows
+
+    def _run(self) -> None:
+        """Embed every waiting text (called holding the lock, which it releases while it embeds)."""
+        batch = list(self._waiting)[:PACK_TEXTS]
+        for text in batch:
+            del self._waiting[text]
+        self._taken.update(batch)
+        self._running += 1
+        self._changed.release()
+        try:
+            vectors = (self.twin or self.bridge).encode_texts(batch)
+        finally:
+            self._changed.acquire()
+            self._running -= 1
+            self._taken.difference_update(batch)
+            self._changed.notify_all()
+        self._embeddings.update(zip(batch, vectors, strict=True))
 
 
 class RememberedSearches:
@@ -166,11 +198,10 @@ class RememberedSearches:
     An uploaded image is never remembered. Results are kept as deep as they were searched; a deeper page
     searches again.
 
-    Searches run in the requests' own threads, side by side on the cores (a text by the NumPy twin needs
-    no lock). Running concurrent searches as one batch was measured and rejected: on one core a batch costs
-    what its searches cost one by one (the MiniLM twin 18 ms a text at any batch size, the float16
-    product 9 ms a query; upcasting to share one float32 product was slower still), and one batch at a
-    time left the second core idle: 41 requests/s against 56 under 8 clients (benchmarks/RESULTS.md).
+    Searches run in the requests' own threads, side by side on the cores; only their new texts are embedded
+    together (RememberedTexts). Whole searches as one batch, one batch at a time, were measured and
+    rejected: the products do not get cheaper together, and one batch at a time left the second core idle
+    (41 requests/s against 56 under 8 clients, benchmarks/RESULTS.md).
     """
 
     def __init__(self, queries: RememberedTexts, model_lock: threading.Lock, size: int = 1024):

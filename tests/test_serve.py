@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -185,6 +186,43 @@ def test_a_search_asked_again_is_answered_from_memory_for_its_generation(
     assert len(lookups) == 8
     with pytest.raises(ValueError, match="not-indexed.png"):
         searches.search(snapshot, ["a red square"], [], ["not-indexed.png"], None, 5)
+
+
+def test_new_texts_of_concurrent_requests_are_embedded_together_at_most_one_run_a_core(tiny_bridge):
+    class SlowTwin:  # the NumPy twin's interface, with each call recorded and long enough to queue behind
+        def __init__(self):
+            self.calls, self.running, self.most, self.lock = [], 0, 0, threading.Lock()
+
+        def encode_texts(self, texts):
+            with self.lock:
+                self.calls.append(list(texts))
+                self.running += 1
+                self.most = max(self.most, self.running)
+            time.sleep(0.05)
+            with self.lock:
+                self.running -= 1
+            return np.stack([np.full(4, float(len(text)), np.float32) for text in texts])
+
+    twin = SlowTwin()
+    queries = serve_module.RememberedTexts(tiny_bridge, twin, runs=2)
+    asked = [[f"text {i}", "shared"] if i % 3 == 0 else [f"text {i}"] for i in range(24)]
+    answers = [None] * len(asked)
+
+    def ask(i):
+        answers[i] = queries.encode_texts(asked[i])
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(asked))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for texts, rows in zip(asked, answers, strict=True):
+        np.testing.assert_array_equal(rows[:, 0], [len(text) for text in texts])
+    embedded = [text for call in twin.calls for text in call]
+    assert sorted(embedded) == sorted({text for texts in asked for text in texts})  # each text once
+    assert twin.most == 2 and len(twin.calls) < len(embedded)  # two runs at a time, packing the rest
+    calls = len(twin.calls)
+    assert queries.encode_texts("shared")[0, 0] == 6.0 and len(twin.calls) == calls  # remembered
 
 
 # --- files by id ----------------------------------------------------------------------------------------
