@@ -117,7 +117,7 @@ class SearchQuery:
     offset: int  # results skipped: where this page starts
 
 
-def search_query(
+async def search_query(  # async: FastAPI runs a plain def dependency in its thread pool, a hop for nothing
     q: Annotated[list[str] | None, Query(description="texts, added together (repeat q=)")] = None,
     minus: Annotated[list[str] | None, Query(description="texts to steer away from (repeatable)")] = None,
     like: Annotated[str | None, Query(description="the id of an indexed image: more like this")] = None,
