@@ -11,11 +11,11 @@ Two architectures have a NumPy twin, the ones the project's recipes and the offl
 BERT-family `hf-encoder` and `sentence-transformers` towers (all-MiniLM-L6-v2 and most
 sentence-transformers models: post-norm layers, then mean pooling, or the Pooling, Dense and Normalize
 modules the model's modules.json lists, as sentence_modules.py reads them) and `hf-clip` towers
-(CLIPTextModelWithProjection: pre-norm causal layers, the end-of-text token through the projection). Each computes in float32 what the torch tower
-computes, within float rounding; tests/test_numpy_text.py holds each against transformers. For anything
-else (other kinds or architectures, weights in another format or dtype, no tokenizer.json),
-`numpy_tower` returns None and the caller builds the torch tower: the twin is an optimisation, never a
-second opinion.
+(CLIPTextModelWithProjection: pre-norm causal layers, the end-of-text token through the projection).
+Each computes in float32 what the torch tower computes, within float rounding; tests/test_numpy_text.py
+holds each against transformers. For anything else (other kinds or architectures, weights in another
+format or dtype, no tokenizer.json), `numpy_tower` returns None and the caller builds the torch tower:
+the twin is an optimisation, never a second opinion.
 
 The texts of one call run as one pack (Pack): their tokens end to end without padding, every per-token
 step on all rows at once, attention and pooling text by text. A short query alone is a thin product: on
