@@ -22,6 +22,16 @@ backward over 4 x 320 tokens and 24 layers: ~3 GB in float32, ~1.5 GB in bf16; t
 So: bf16 about 0.55-0.6 of float32 (not quite half: the float32 loss and trained parts do not shrink),
 and checkpointing keeps only each layer's input (~55 MB), for a peak of about 0.35-0.4 of float32,
 dominated by the logits.
+
+Revised before the first complete run, when the loss began computing logits only at the 4 x 32 answer
+positions (VisionLLM.answer_loss: 78 MB of float32 logits, not 0.8 GB): float32 about 5.5 GB (weights
+2.3 GB, activations ~3 GB), bf16 about 0.5-0.55 of it, bf16 with checkpointing about 0.25-0.3 (weights,
+the layer inputs and one layer's activations at a time); the process's own ~0.5 GB (Python, torch's
+libraries) is in every figure and does not shrink.
+
+On this CPU (AVX2, no bf16 instructions) a bf16 step is slow, not because of the memory measured: torch
+multiplies x @ W.T (the forward pass) at ~18 GFLOPS in bf16 but g @ W (the gradient of the input) at
+~1.2, so the bf16 settings take ~15 minutes each, against ~1 for float32.
 """
 
 from __future__ import annotations
