@@ -575,6 +575,8 @@ def _train(args) -> int:
     _, result = train_text_bridge(
         config, args.data, args.out, args.resume, args.image_root, base=args.base, adapter=args.adapter
     )
+    if not _reports_the_run():
+        return 0
     _print_run_length(result.skipped, config.train.epochs, result.steps)
     if result.metrics:
         print(f"held-out text->image R@1/5/10 {_recalls(result.metrics, 'text_to_image')}")
@@ -667,6 +669,14 @@ def _set_steps(train, steps: int | None) -> None:
     train.steps = steps
 
 
+def _reports_the_run() -> bool:
+    """Whether this process prints a training run's summary: under `accelerate launch` the main one alone
+    (the others trained the same run and would print it again, interleaved)."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
 def _print_run_length(skipped: list[tuple[str, str]], epochs: float | None, steps: int) -> None:
     """What both `train` verbs print first: the samples skipped, and the steps that epochs came to."""
     if skipped:
@@ -740,6 +750,8 @@ def _train_vlm(args) -> int:
         config.train.stage = args.stage
     _set_steps(config.train, args.steps)
     _, result = train_vlm(config, args.data, args.out, args.resume, args.image_root, args.base)
+    if not _reports_the_run():
+        return 0
     _print_run_length(result.skipped, config.train.epochs, result.steps)
     for kind, accuracy in result.metrics.items():
         print(f"held-out answer accuracy, {kind}: {accuracy:.3f}")

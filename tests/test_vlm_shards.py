@@ -276,11 +276,11 @@ def test_two_processes_train_vlm_from_shards_as_one_process_does(tmp_path):
     # Same conversations, same global batches of 6 (3 a process): the same loss at every step.
     assert max(abs(a - b) for a, b in zip(single.losses, logged_losses(tmp_path / "b"), strict=True)) < 1e-4
     assert json.loads((tmp_path / "b" / "metrics.json").read_text())["best_step"] == single.best["best_step"]
-    # Each process reports the bad samples (the second from the first's manifest).
-    assert printed.count("skipped 3 unreadable") == 2, printed
+    # The main process alone reports the run, the bad samples once.
+    assert printed.count("skipped 3 unreadable") == 1 and printed.count("saved the VisionLLM") == 1, printed
     for key, reason in BAD.items():
         lines = reported(printed, key)
-        assert len(lines) == 2 and all(reason in line for line in lines), printed
+        assert len(lines) == 1 and reason in lines[0], printed
 
 
 # --- train.cache: false -----------------------------------------------------------------------------------------
