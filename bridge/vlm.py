@@ -286,15 +286,29 @@ class VisionLLM(nn.Module):
         labels: torch.Tensor | None = None,
     ) -> transformers.modeling_outputs.CausalLMOutputWithPast:
         """Logits (B, L, vocab); with `labels` (-100 where no loss), the mean next-token loss."""
+        return self._run_llm(
+            input_ids,
+            attention_mask,
+            visual_tokens,
+            labels=None if labels is None else labels.to(self.device),
+        )
+
+    def _run_llm(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        visual_tokens: torch.Tensor | None,
+        **options,
+    ) -> transformers.modeling_outputs.CausalLMOutputWithPast:
+        """The LLM over the ids with each image's visual tokens spliced in; `options` go to its forward."""
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
-        embeddings = self.embed(input_ids, visual_tokens)
         # Positions count real tokens only, so a left-padded prompt reads as it would alone.
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         return self.llm(
-            inputs_embeds=embeddings,
+            inputs_embeds=self.embed(input_ids, visual_tokens),
             attention_mask=attention_mask,
             position_ids=position_ids,
-            labels=None if labels is None else labels.to(self.device),
+            **options,
         )
 
     def answer_loss(
@@ -317,16 +331,11 @@ class VisionLLM(nn.Module):
         base = self.llm.get_base_model() if isinstance(self.llm, peft.PeftModel) else self.llm
         if "logits_to_keep" not in inspect.signature(base.forward).parameters:
             return self(input_ids, attention_mask, visual_tokens, labels).loss
-        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         # Position p predicts token p + 1: keep p where the next token has a label.
         predicts = torch.zeros_like(labels, dtype=torch.bool)
         predicts[:, :-1] = labels[:, 1:] != IGNORE
-        logits = self.llm(
-            inputs_embeds=self.embed(input_ids, visual_tokens),
-            attention_mask=attention_mask,
-            position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0),
-            logits_to_keep=predicts,
-        ).logits  # (labelled tokens, vocab)
+        kept = self._run_llm(input_ids, attention_mask, visual_tokens, logits_to_keep=predicts)
+        logits = kept.logits  # (labelled tokens, vocab)
         # In float32 whatever the LLM computes in, as transformers' own loss does.
         return nn.functional.cross_entropy(logits.float(), labels[:, 1:][predicts[:, :-1]])
 

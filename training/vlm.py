@@ -39,7 +39,7 @@ from torch import nn
 from bridge.config import ConfigError, VLMRunConfig, VLMTrainConfig
 from bridge.runtime import processes
 from bridge.vision import VisionFeatures
-from bridge.vlm import VisionLLM, pad
+from bridge.vlm import IGNORE, VisionLLM, pad
 from training.cache import CachedFeatures, EncodedFeatures, FeatureCache
 from training.data import (
     IMAGE_PLACEHOLDER,
@@ -69,7 +69,6 @@ from training.shards import check_cached, is_shard_spec, stream_conversation_sha
 
 log = logging.getLogger(__name__)
 
-IGNORE = -100  # label of tokens the loss skips: prompts, images, padding
 DTYPES = {"float32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # train.precision
 
 
