@@ -324,20 +324,24 @@ class VisionLLM(nn.Module):
         The full logits are (B, L, vocab) in float32 for the loss: for a Qwen2-0.5B-shaped LLM, 4
         conversations of 320 tokens (256 of them an image's) and its 151,936-token vocabulary, 0.78 GB and
         a quarter of the step's arithmetic, almost all of it at image and prompt positions, which have no
-        label. transformers' `logits_to_keep` (a boolean mask) applies the output layer to the labelled
-        positions alone; an LLM whose forward has no `logits_to_keep` gets the full logits.
+        label. transformers' `logits_to_keep` (the sequence positions to keep) applies the output layer to
+        the positions where some conversation of the batch has a label; an LLM whose forward has no
+        `logits_to_keep` gets the full logits.
         """
         labels = labels.to(self.device)
         base = self.llm.get_base_model() if isinstance(self.llm, peft.PeftModel) else self.llm
         if "logits_to_keep" not in inspect.signature(base.forward).parameters:
             return self(input_ids, attention_mask, visual_tokens, labels).loss
-        # Position p predicts token p + 1: keep p where the next token has a label.
-        predicts = torch.zeros_like(labels, dtype=torch.bool)
-        predicts[:, :-1] = labels[:, 1:] != IGNORE
-        kept = self._run_llm(input_ids, attention_mask, visual_tokens, logits_to_keep=predicts)
-        logits = kept.logits  # (labelled tokens, vocab)
+        # Position p predicts token p + 1. Positions are shared by the batch: every transformers release
+        # with `logits_to_keep` takes a 1-D index (a per-conversation mask only came later).
+        targets = labels[:, 1:]
+        positions = (targets != IGNORE).any(0).nonzero().squeeze(1)
+        kept = self._run_llm(input_ids, attention_mask, visual_tokens, logits_to_keep=positions)
+        logits, targets = kept.logits, targets[:, positions]  # (B, kept positions, vocab), (B, kept)
         # In float32 whatever the LLM computes in, as transformers' own loss does.
-        return nn.functional.cross_entropy(logits.float(), labels[:, 1:][predicts[:, :-1]])
+        return nn.functional.cross_entropy(
+            logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE
+        )
 
     @torch.no_grad()
     def generate(
