@@ -37,7 +37,9 @@ ENCODERS = {
 def flops_per_image(config) -> float:
     """Forward FLOPs of a ViT: 24 T D^2 (projections and MLP, 4x wide) + 4 T^2 D (attention) per layer."""
     tokens = (config.image_size // config.patch_size) ** 2 + 1 + getattr(config, "num_register_tokens", 0)
-    width, ratio = config.hidden_size, config.intermediate_size / config.hidden_size
+    width = config.hidden_size
+    # Dinov2Config names the MLP's width by its ratio (mlp_ratio); other ViT configs by intermediate_size.
+    ratio = getattr(config, "mlp_ratio", None) or config.intermediate_size / width
     per_layer = (8 + 4 * ratio) * tokens * width**2 + 4 * tokens**2 * width
     return config.num_hidden_layers * per_layer
 
@@ -100,10 +102,10 @@ def main() -> None:
     )
     print(f"device: {name}\n")
 
-    def plain(attention: str):
-        model = transformers.Dinov2Model(config).to(device).eval()
+    def plain(attention: str, dtype: torch.dtype = torch.float32):
+        model = transformers.Dinov2Model(config).to(device, dtype).eval()
         model.set_attn_implementation(attention)
-        return lambda x: model(pixel_values=x)
+        return lambda x: model(pixel_values=x.to(dtype))
 
     def project(precision: str, compile: bool):
         encoder = FrozenEncoder(transformers.Dinov2Model(config), Preprocessing(config.image_size, None))
@@ -114,6 +116,8 @@ def main() -> None:
     runs = {baseline: plain("sdpa"), default: project("auto", False)}
     if device.type == "cuda":
         runs["transformers loop, fp32, eager attention"] = plain("eager")
+        # The like-for-like loop: what a user who casts the model to bf16 gets from transformers alone.
+        runs["transformers loop, bf16, sdpa attention"] = plain("sdpa", torch.bfloat16)
     else:
         runs["dinobridge, bf16 (asked for)"] = project("bf16", False)
     if args.compile:
