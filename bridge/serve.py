@@ -25,16 +25,18 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
+from urllib.parse import quote
 
 import numpy as np
 from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import MutableHeaders
 
 from bridge.adapters import adapter_with_fingerprint
@@ -100,10 +102,23 @@ class Snapshot:
     key: tuple[int, int, int]  # the manifest file's (inode, mtime, size) when it was opened
     paths_by_id: dict[str, str]  # image id -> path relative to the indexed folder
     backend: str  # the search back-end (search.py) built for this generation: serving_backend
+    _described: dict[str, tuple[str, str, str]] = field(default_factory=dict, repr=False)
 
     @property
     def generation(self) -> int:
         return self.index.store.generation
+
+    def describe(self, path: str) -> tuple[str, str, str]:
+        """(image id, path relative to the indexed folder, content version) of an indexed path. Remembered:
+        a page of results named its images through pathlib and the store anew each time, a third of a
+        remembered search's server time."""
+        described = self._described.get(path)
+        if described is None:
+            relative = Path(path).relative_to(self.index.root).as_posix()
+            record = self.index.store.record(relative)
+            version = record.sha256[:12] if record else ""
+            described = self._described[path] = (image_id(relative), relative, version)
+        return described
 
 
 @dataclass
@@ -220,12 +235,9 @@ class RememberedSearches:
     ) -> list[tuple[str, float]]:
         """The `depth` best (path, score) of the query, best first; raises what ImageIndex.search raises.
         `like`: indexed paths."""
+        if upload is None and (found := self.remembered(snapshot, texts, minus, like, depth)) is not None:
+            return found
         key = None if upload is not None else (snapshot.key, tuple(texts), tuple(minus), tuple(like))
-        with self._lock:
-            found = self._found.get(key) if key else None
-            if found is not None and (len(found) >= depth or len(found) == len(snapshot.index)):
-                self._found.move_to_end(key)
-                return found[:depth]
         # The torch tower and the encoder are not safe to share between threads (a heatmap uses them).
         needs_model = upload is not None or ((texts or minus) and self.queries.twin is None)
         images = [upload] if upload is not None else []
@@ -240,6 +252,18 @@ class RememberedSearches:
                 while len(self._found) > self.size:
                     self._found.popitem(last=False)
         return found
+
+    def remembered(
+        self, snapshot: Snapshot, texts: list[str], minus: list[str], like: list[str], depth: int
+    ) -> list[tuple[str, float]] | None:
+        """The query's `depth` best if a search of this generation found them already, else None."""
+        key = (snapshot.key, tuple(texts), tuple(minus), tuple(like))
+        with self._lock:
+            found = self._found.get(key)
+            if found is None or (len(found) < depth and len(found) < len(snapshot.index)):
+                return None
+            self._found.move_to_end(key)
+            return found[:depth]
 
 
 class LiveIndex:
@@ -263,7 +287,7 @@ class LiveIndex:
 
     def get(self) -> Snapshot:
         key, current = self._manifest_key(), self.current
-        if key is None or key in (current.key, self._failed_key) or not self._opening.acquire(blocking=False):
+        if self._unchanged(key, current) or not self._opening.acquire(blocking=False):
             return current
         try:
             self.current, self.error = self._open(key), None
@@ -273,6 +297,15 @@ class LiveIndex:
         finally:
             self._opening.release()
         return self.current
+
+    def current_if_unchanged(self) -> Snapshot | None:
+        """The current generation if the manifest has not changed since it was opened, else None: `get`
+        then opens the new one, which takes seconds, so not on the event loop."""
+        current = self.current
+        return current if self._unchanged(self._manifest_key(), current) else None
+
+    def _unchanged(self, key: tuple[int, int, int] | None, current: Snapshot) -> bool:
+        return key is None or key in (current.key, self._failed_key)
 
     def _manifest_key(self) -> tuple[int, int, int] | None:
         try:
@@ -453,47 +486,74 @@ def create_app(
                 )
         return texts
 
-    def run_search(query: SearchQuery, upload: Image.Image | None) -> dict:
+    def page_size(query: SearchQuery) -> int:
+        return query.k or min(PAGE, limits.k)
+
+    def checked(
+        query: SearchQuery, snapshot: Snapshot, upload: bool
+    ) -> tuple[list[str], list[str], list[str]]:
+        """(texts, minus texts, indexed paths) of a query within the limits; a 4xx naming what is not."""
         texts, minus = check_texts(query.q, "q"), check_texts(query.minus, "minus")
-        like, k, offset = query.like, query.k or min(PAGE, limits.k), query.offset
+        k = page_size(query)
         if len(texts) + len(minus) > limits.texts:
             raise HTTPException(422, f"{len(texts) + len(minus)} texts is over the limit of {limits.texts}")
         if k > limits.k:
             raise HTTPException(
                 422, f"k={k} is over the limit of {limits.k} results a page; page with offset"
             )
-        if offset + k > limits.results:
+        if query.offset + k > limits.results:
             raise HTTPException(
-                422, f"offset + k = {offset + k} is over the limit of {limits.results}; refine the query"
+                422,
+                f"offset + k = {query.offset + k} is over the limit of {limits.results}; refine the query",
             )
-        snapshot = live.get()
         # An indexed image is searched by its stored embeddings: nothing decoded, no model, no lock.
-        indexed = [snapshot_image(snapshot, like)[0]] if like else []
-        images = [upload] if upload is not None else []
-        if not texts and not images and not indexed:
+        indexed = [snapshot_image(snapshot, query.like)[0]] if query.like else []
+        if not texts and not upload and not indexed:
             raise HTTPException(
                 422,
                 "give a text (q=...), an indexed image (like=<id>) or an uploaded image; minus alone "
                 "says only what to avoid",
             )
-        begun = time.perf_counter()
-        found = searches.search(snapshot, texts, minus, indexed, upload, offset + k)
-        seconds = time.perf_counter() - begun
-        root, page = snapshot.index.root, found[offset : offset + k]
+        return texts, minus, indexed
+
+    def results_page(
+        query: SearchQuery, snapshot: Snapshot, texts: list[str], found: list, seconds: float
+    ) -> JSONResponse:
+        k, offset = page_size(query), query.offset
+        heatmap = f"heatmap?q={quote(' '.join(texts))}&" if texts else None
         results = []
-        for path, score in page:
-            relative = Path(path).relative_to(root).as_posix()
-            results.append(_result(image_id(relative), relative, score, snapshot, texts))
-        return {
-            "results": results,
-            "offset": offset,
-            "k": k,
-            "more": len(found) == offset + k and offset + k < min(len(snapshot.index), limits.results),
-            "searched": len(snapshot.index),
-            "space": "text" if texts or minus else "image",
-            "generation": snapshot.generation,
-            "seconds": round(seconds, 6),
-        }
+        for path, score in found[offset : offset + k]:
+            image, relative, version = snapshot.describe(path)
+            result = {
+                "id": image,
+                "path": relative,
+                "score": round(score, 6),
+                "thumbnail": f"/api/images/{image}/thumbnail?v={version}",
+                "original": f"/api/images/{image}/original",
+            }
+            if heatmap:
+                result["heatmap"] = f"/api/images/{image}/{heatmap}v={version}"
+            results.append(result)
+        return JSONResponse(
+            {
+                "results": results,
+                "offset": offset,
+                "k": k,
+                "more": len(found) == offset + k and offset + k < min(len(snapshot.index), limits.results),
+                "searched": len(snapshot.index),
+                "space": "text" if texts or query.minus else "image",
+                "generation": snapshot.generation,
+                "seconds": round(seconds, 6),
+            }
+        )
+
+    def run_search(query: SearchQuery, upload: Image.Image | None) -> JSONResponse:
+        snapshot = live.get()
+        texts, minus, indexed = checked(query, snapshot, upload is not None)
+        depth = query.offset + page_size(query)
+        begun = time.perf_counter()
+        found = searches.search(snapshot, texts, minus, indexed, upload, depth)
+        return results_page(query, snapshot, texts, found, time.perf_counter() - begun)
 
     @app.get("/", include_in_schema=False)
     def page() -> FileResponse:
@@ -501,15 +561,29 @@ def create_app(
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
-    @app.get("/api/search", summary="Search by text and/or an indexed image")
-    def search(query: Annotated[SearchQuery, Depends(search_query)]) -> dict:
-        return run_search(query, None)
+    @app.get("/api/search", summary="Search by text and/or an indexed image", response_model=None)
+    async def search(query: Annotated[SearchQuery, Depends(search_query)]) -> JSONResponse:
+        # A search found before is answered here on the event loop: the hop to a worker thread and back
+        # cost more than the answer (py-spy, benchmarks/serve.py). New work goes to a worker thread.
+        snapshot = live.current_if_unchanged()
+        if snapshot is not None:
+            texts, minus, indexed = checked(query, snapshot, upload=False)
+            depth = query.offset + page_size(query)
+            begun = time.perf_counter()
+            found = searches.remembered(snapshot, texts, minus, indexed, depth)
+            if found is not None:
+                return results_page(query, snapshot, texts, found, time.perf_counter() - begun)
+        return await run_in_threadpool(run_search, query, None)
 
-    @app.post("/api/search", summary="Search by an uploaded image, with texts and an indexed image if given")
+    @app.post(
+        "/api/search",
+        summary="Search by an uploaded image, with texts and an indexed image if given",
+        response_model=None,
+    )
     def search_upload(
         image: Annotated[UploadFile, File(description="the query image")],
         query: Annotated[SearchQuery, Depends(search_query)],
-    ) -> dict:
+    ) -> JSONResponse:
         data = image.file.read(limits.upload_bytes + 1)
         if len(data) > limits.upload_bytes:
             raise HTTPException(413, _too_many_bytes(len(data), limits))
@@ -646,23 +720,6 @@ def _load_bridge(index_dir: Path, model_dir: str | os.PathLike | None) -> TextBr
     return TextBridge.from_pretrained(model_dir, adapter)
 
 
-def _result(image: str, relative: str, score: float, snapshot: Snapshot, texts: list[str]) -> dict:
-    record = snapshot.index.store.record(relative)
-    version = record.sha256[:12] if record else ""
-    result = {
-        "id": image,
-        "path": relative,
-        "score": round(score, 6),
-        "thumbnail": f"/api/images/{image}/thumbnail?v={version}",
-        "original": f"/api/images/{image}/original",
-    }
-    if texts:
-        from urllib.parse import quote
-
-        result["heatmap"] = f"/api/images/{image}/heatmap?q={quote(' '.join(texts))}&v={version}"
-    return result
-
-
 def _given_token(request) -> str | None:
     authorization = request.headers.get("authorization", "")
     if authorization.lower().startswith("bearer "):
@@ -701,8 +758,6 @@ def _chunks(handle, size: int = 256 * 1024):
 
 
 def _inline(name: str) -> str:
-    from urllib.parse import quote
-
     return f"inline; filename*=UTF-8''{quote(name)}"
 
 
