@@ -614,6 +614,8 @@ def _eval_retrieval(args) -> int:
     pairs = load_pairs(args.data, args.image_root)
     cache_dir = user_cache_dir()  # never the model's directory: eval only reads a saved model
     features = FeatureCache(cache_dir, bridge.encoder).features(pairs)
+    if len(features) == 0:
+        raise ValueError(f"no image of '{args.data}' could be read; see the warnings above")
     metrics = evaluate_alignment(
         bridge, CaptionedFeatures.build(features, TextCache(cache_dir, bridge.tower))
     )

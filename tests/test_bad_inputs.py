@@ -740,3 +740,16 @@ def test_good_inputs_beside_the_bad_ones_still_work(world: World, capsys) -> Non
     # The table's world is sound: the same verbs with its good files succeed.
     assert run(["search", str(world.index), "a red circle", "-k", "2"], capsys)[0] == 0
     Image.open(world.photo).verify()
+
+
+def test_eval_with_no_readable_image_is_one_line(world: World, tmp_path: Path, monkeypatch, capsys) -> None:
+    # Every image of the data file is corrupt: nothing to measure, said in one line (it was a KeyError).
+    monkeypatch.setenv("DINOBRIDGE_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "ghost.png").write_text("not an image")
+    data = tmp_path / "ghosts.jsonl"
+    data.write_text('{"image": "ghost.png", "caption": "a red circle"}\n')
+    code, err = run(["eval", "retrieval", "--model", str(world.bridge), "--data", str(data)], capsys)
+    assert code == 2 and "Traceback" not in err
+    assert err.splitlines()[-1] == (
+        f"dinobridge eval: error: no image of '{data}' could be read; see the warnings above"
+    )
