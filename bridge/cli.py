@@ -435,6 +435,15 @@ def _index(args) -> int:
     from bridge.model import TextBridge
     from bridge.runtime import encode_settings, processes
 
+    cores = usable_cores()
+    # A huge value exhausts the machine's processes or threads (torch then fails deep inside the encoder):
+    # refused before the bridge loads. Threads past the cores only wait; a decoding worker may wait on a
+    # slow disk, so a few per core are allowed.
+    for option, value, most in (("--workers", args.workers, 4 * cores), ("--threads", args.threads, cores)):
+        if value is not None and value > most:
+            raise ValueError(
+                f"{option} {value} is too many for this machine's {cores} cores; give at most {most}"
+            )
     state = processes()
     # Under `accelerate launch`, this process's GPU; alone, the first of CUDA, MPS, CPU (runtime.py).
     device = args.device or (str(state.device) if state.num_processes > 1 else None)
@@ -442,7 +451,7 @@ def _index(args) -> int:
     bridge = TextBridge.from_pretrained(args.model, args.adapter).to(settings.device)
     bridge.encoder.run_with(settings)
     on_cpu = settings.device.type == "cpu"  # on a GPU (CUDA, MPS) the encoder needs one thread to feed it
-    workers, threads = split_cores(usable_cores(), not on_cpu, args.workers, args.threads)
+    workers, threads = split_cores(cores, not on_cpu, args.workers, args.threads)
     torch.set_num_threads(threads)  # workers + threads <= cores: neither waits for the other's core
     options = {"batch_size": settings.batch_size, "gpu_decode": settings.gpu_decode}
     options |= {"include_hidden": args.include_hidden, "exclude": args.exclude}

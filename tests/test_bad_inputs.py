@@ -424,6 +424,16 @@ ROWS: list[Row] = [
         r"--workers",
     ),
     (
+        "index-threads-past-the-cores",
+        lambda w: index(w, "--threads", "100000"),
+        r"--threads 100000 is too many .* give at most",
+    ),
+    (
+        "index-workers-past-the-cores",
+        lambda w: index(w, "--workers", "100000"),
+        r"--workers 100000 is too many .* give at most",
+    ),
+    (
         "index-device-bogus",
         lambda w: index(w, "--device", "bogus"),
         r"bogus",
