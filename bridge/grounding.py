@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from bridge.images import DEFAULT_MAX_PIXELS
 from bridge.model import TextBridge
 from bridge.queries import check_texts
 from bridge.vision import Preprocessing, check_image_size
@@ -102,6 +103,12 @@ def heatmaps(
         )
     factor = scale / min(image.size)
     width, height = (max(window, round(side * factor)) for side in image.size)
+    if width * height > DEFAULT_MAX_PIXELS:  # the loader's limit: a larger map would exhaust the memory
+        most = int(scale * (DEFAULT_MAX_PIXELS / (width * height)) ** 0.5)
+        raise ValueError(
+            f"scale {scale} would map the {image.width}x{image.height} image at {width}x{height} = "
+            f"{width * height:,} pixels, over the limit of {DEFAULT_MAX_PIXELS:,}; use a scale of at most {most}"
+        )
     # Edge padding of one patch on every side: a shifted window may reach past the image by < 1 patch.
     pixels = np.pad(
         np.asarray(image.convert("RGB").resize((width, height), Image.BICUBIC)),

@@ -542,6 +542,11 @@ ROWS: list[Row] = [
         r"--scale",
     ),
     (
+        "ground-scale-past-the-pixel-limit",
+        lambda w: ["ground", str(w.photo), "x", "--model", str(w.bridge), "--scale", "100000"],
+        r"scale 100000 would map .* over the limit .*; use a scale of at most \d+",
+    ),
+    (
         "ground-out-not-png",
         lambda w: [
             "ground",
