@@ -21,6 +21,11 @@ Three runs, each with a fresh server:
   with the number: the text tower's cost grows with the tokens;
 - search-box queries with torch's default threads (one per core): the ratio of the two thread settings.
 
+With --floor, two more runs measure what the server's answer costs without the text tower: every new
+text's embedding replaced by a random unit vector at no cost (in the benchmark's server command, not in
+the library), in one server process and in two (the clients split between them, so every core serves).
+Their new-text latency is the floor the real tower adds its own time to on this machine.
+
 Printed per run: p50 / p95 / p99 latency of each kind (as the clients see it, HTTP included), requests a
 second, errors, and the server's resident memory after the 1,000th request and after the last. Targets on
 the 2-core build machine: text p50 <= 20 ms and p99 <= 100 ms, 0 errors, memory within 5%. The clients
@@ -57,6 +62,13 @@ CLIENTS = 8
 SERVER = (
     "import sys; from bridge.serve import serve; "
     "serve(sys.argv[1], port=int(sys.argv[2]), threads=int(sys.argv[3]) or None, log_level='warning')"
+)
+# --floor: the NumPy text tower answers at no cost, random unit vectors of its width.
+FREE_TOWER = (
+    "import numpy as np, bridge.numpy_text as twin; "
+    "twin.TextQueryEncoder.encode_texts = lambda self, texts, normalize=True: "
+    "(lambda rows: rows / np.linalg.norm(rows, axis=1, keepdims=True))("
+    "np.random.default_rng().standard_normal((len(texts), self.tower.embed_dim)).astype(np.float32)); "
 )
 
 
@@ -109,11 +121,12 @@ def resident_mb(pid: int) -> float:
     return float("nan")
 
 
-def start_server(index: Path, threads: int) -> tuple[subprocess.Popen, int]:
+def start_server(index: Path, threads: int, free_tower: bool = False) -> tuple[subprocess.Popen, int]:
     port = free_port()
     environment = {**os.environ, "PYTHONPATH": str(REPO)}
     environment.pop("DINOBRIDGE_TOKEN", None)
-    command = [sys.executable, "-c", SERVER, str(index), str(port), str(threads)]
+    code = FREE_TOWER + SERVER if free_tower else SERVER
+    command = [sys.executable, "-c", code, str(index), str(port), str(threads)]
     server = subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and server.poll() is None:
@@ -137,8 +150,11 @@ def stop(server: subprocess.Popen) -> None:
         server.wait()
 
 
-def load(port: int, server_pid: int, texts: list[str], like_ids: list[str], requests: int, seconds: float):
-    """Run CLIENTS threads until `requests` are sent or `seconds` pass; (latencies by kind, errors, memory)."""
+def load(
+    ports: list[int], pids: list[int], texts: list[str], like_ids: list[str], requests: int, seconds: float
+):
+    """Run CLIENTS threads, spread over the servers at `ports`, until `requests` are sent or `seconds` pass;
+    (latencies by kind, errors, the servers' memory together, wall seconds)."""
     latencies: dict[str, list[float]] = {"new text": [], "seen text": [], "like": []}
     errors: list[str] = []
     memory: dict[str, float] = {}
@@ -146,6 +162,7 @@ def load(port: int, server_pid: int, texts: list[str], like_ids: list[str], requ
 
     def client(seed: int) -> None:
         rng = random.Random(seed)
+        port = ports[seed % len(ports)]
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         while time.monotonic() < deadline:
             with lock:
@@ -175,7 +192,7 @@ def load(port: int, server_pid: int, texts: list[str], like_ids: list[str], requ
                 latencies[kind].append(time.perf_counter() - started)
                 done = sum(len(values) for values in latencies.values())
                 if done == 1000:
-                    memory["after 1,000"] = resident_mb(server_pid)
+                    memory["after 1,000"] = sum(map(resident_mb, pids))
 
     started = time.perf_counter()
     threads = [threading.Thread(target=client, args=(seed,)) for seed in range(CLIENTS)]
@@ -183,7 +200,7 @@ def load(port: int, server_pid: int, texts: list[str], like_ids: list[str], requ
         thread.start()
     for thread in threads:
         thread.join()
-    memory["after the last"] = resident_mb(server_pid)
+    memory["after the last"] = sum(map(resident_mb, pids))
     return latencies, errors, memory, time.perf_counter() - started
 
 
@@ -200,6 +217,7 @@ def main() -> None:
     parser.add_argument("--real", type=int, default=200, help="of which real scenes (default: 200)")
     parser.add_argument("--requests", type=int, default=4_000, help="requests a run at most (default: 4,000)")
     parser.add_argument("--seconds", type=float, default=300, help="seconds a run at most (default: 300)")
+    parser.add_argument("--floor", action="store_true", help="also the runs with a text tower at no cost")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         directory = Path(scratch)
@@ -209,26 +227,37 @@ def main() -> None:
             f"index of {args.images:,} images ({args.real} real) built in {time.perf_counter() - began:.0f} s"
         )
         text_p50 = {}
-        runs = [  # (query style, torch threads: 0 for torch's default)
-            ("search-box", 1),
-            ("caption-length", 1),
-            ("search-box", 0),
+        runs = [  # (query style, torch threads: 0 for torch's default, server processes, free tower)
+            ("search-box", 1, 1, False),
+            ("caption-length", 1, 1, False),
+            ("search-box", 0, 1, False),
         ]
-        for style, threads in runs:
-            server, port = start_server(directory / "index", threads)
+        if args.floor:
+            runs += [("search-box", 1, 1, True), ("search-box", 1, 2, True)]
+        for style, threads, processes, free_tower in runs:
+            servers = [start_server(directory / "index", threads, free_tower) for _ in range(processes)]
             try:
                 latencies, errors, memory, wall = load(
-                    port, server.pid, texts[style], like_ids, args.requests, args.seconds
+                    [port for _, port in servers],
+                    [server.pid for server, _ in servers],
+                    texts[style],
+                    like_ids,
+                    args.requests,
+                    args.seconds,
                 )
             finally:
-                stop(server)
+                for server, _ in servers:
+                    stop(server)
             count = sum(len(values) for values in latencies.values())
             new = latencies["new text"]
-            text_p50[style, threads] = statistics.median(new) if new else float("nan")
+            if not free_tower:
+                text_p50[style, threads] = statistics.median(new) if new else float("nan")
             growth = memory["after the last"] / memory.get("after 1,000", float("nan")) - 1
             name = f"{style} queries, " + (
                 "one torch thread (serving default)" if threads else "torch's default threads"
             )
+            if free_tower:
+                name += f", the text tower at no cost, {processes} server process" + "es" * (processes > 1)
             print(
                 f"\n{name}: {count:,} requests in {wall:.1f} s ({count / wall:.0f}/s), {len(errors)} errors"
             )
