@@ -363,6 +363,11 @@ ROWS: list[Row] = [
         r"no\.jsonl",
     ),
     (
+        "eval-data-a-folder",
+        lambda w: ["eval", "retrieval", "--model", str(w.bridge), "--data", str(w.photos)],
+        r"'.*photos' is a folder; give a file that lists its images and captions",
+    ),
+    (
         "eval-zeroshot-missing",
         lambda w: ["eval", "zeroshot", "--model", str(w.bridge), "--data", str(w.scratch / "none")],
         r"none",
@@ -673,6 +678,16 @@ ACCEPTED: list[tuple[str, Callable[[World], list[str]], str]] = [
             w.config("train: {held_out: 0, batch_size: 2}\n"),
         ),
         "Excel writes UTF-8 with a byte-order mark",
+    ),
+    (
+        "train-jsonl-upper-case-suffix",
+        lambda w: train(
+            w,
+            pairs(w, PAIR + PAIR, "PAIRS.JSONL"),
+            "--config",
+            w.config("train: {held_out: 0, batch_size: 2}\n"),
+        ),
+        "Windows tools write upper-case names",
     ),
     (
         "index-over-a-damaged-manifest",

@@ -67,12 +67,18 @@ def load_pairs(spec: str, image_root: str | None = None) -> list[Pair]:
         count, seed = parse_synthetic_spec(spec)
         return synthetic_pairs(count, seed=seed)
     path = Path(spec)
+    if path.is_dir():
+        raise DataError(
+            f"data '{spec}' is a folder; give a file that lists its images and captions: pairs.jsonl, "
+            "pairs.csv or a COCO captions .json"
+        )
     if not path.is_file():
         raise DataError(f"data file '{spec}' does not exist")
     readers = {".jsonl": _read_jsonl, ".csv": _read_csv, ".json": _read_coco}
-    if path.suffix not in readers:
+    suffix = path.suffix.lower()  # PAIRS.CSV, as Windows tools name files
+    if suffix not in readers:
         raise DataError(f"data file '{spec}' is not .jsonl, .csv or COCO .json, nor synthetic:N")
-    pairs = readers[path.suffix](path, _image_root(image_root))
+    pairs = readers[suffix](path, _image_root(image_root))
     if not pairs:
         raise DataError(f"data file '{spec}' holds no image-caption pairs")
     return pairs
