@@ -463,6 +463,7 @@ def _index(args) -> int:
 
 def _search(args) -> int:
     from bridge.adapters import adapter_with_fingerprint
+    from bridge.hub import is_hub_name
     from bridge.index import ImageIndex
     from bridge.index_files import read_manifest
     from bridge.numpy_text import TextQueryEncoder
@@ -481,6 +482,11 @@ def _search(args) -> int:
     if model_dir is None:
         raise ValueError(
             f"index '{args.index}' does not record its model; pass the bridge directory (--model)"
+        )
+    if args.model is None and not Path(model_dir).is_dir() and not is_hub_name(model_dir):
+        raise FileNotFoundError(
+            f"index '{args.index}' was built with the bridge at '{model_dir}', which is not there any more; "
+            "pass where it is now with --model"
         )
     # A text-only query needs the bridge's text tower alone; run in NumPy when it can be, the search
     # never imports torch, which is most of a one-shot search's time (numpy_text.py).

@@ -474,6 +474,17 @@ ROWS: list[Row] = [
         ],
         r"manifest",
     ),
+    (
+        "search-model-moved",
+        lambda w: [
+            "search",
+            w.copy_of(
+                w.index, edit_json("manifest.json", lambda m: m.update(model_dir=str(w.scratch / "gone")))
+            ),
+            "a red circle",
+        ],
+        r"built with the bridge at '.*gone', which is not there any more; pass where it is now with --model",
+    ),
     # ---- search ----
     ("search-index-missing", lambda w: ["search", str(w.scratch / "none"), "a red circle"], r"none"),
     ("search-index-not-an-index", lambda w: ["search", str(w.photos), "a red circle"], r"photos"),
