@@ -62,8 +62,8 @@ STATIC = Path(__file__).parent / "static"
 # searches took p50 508 ms with torch's default threads and 20 ms with one: threads that contend for
 # busy cores wait on each other at every operation. Concurrent queries are the parallelism instead: text
 # queries by the NumPy twin run side by side, one run a core, and the rest take turns on the model.
-# Under 8 clients over 100,000 images (benchmarks/serve.py, quiet machine, 2026-12-04): 198 requests/s
-# with one thread, 193 with torch's default (2026-12-03, before the runs were packed: 77 and 63).
+# Under 8 clients over 100,000 images (benchmarks/serve.py, 2026-12-04): 210 requests/s with one thread,
+# 184 with torch's default (2026-12-03, before the runs were packed: 77 and 63).
 SERVE_THREADS = 1
 PAGE = 24  # results a page unless asked: four rows of six thumbnails
 PACK_TEXTS = 16  # new query texts embedded in one run at most (a run of 8 costs about 4 alone)
