@@ -51,7 +51,8 @@ class IndexSummary:
     # (path, reason) of what was not tried, as in failures.log: not images (RAW, video, ...), linked folders
     # walked already; the reason's words before its first ":" say what kind it is, for the counts
     skipped: list[tuple[str, str]] = field(default_factory=list)
-    excluded: int = 0  # hidden and system files and folders not walked (index_update.FolderWalk)
+    excluded: int = 0  # files and folders not walked (index_update.FolderWalk)...
+    hidden: int = 0  # ... of which hidden and system names; the others matched an `exclude` pattern
     total: int = 0  # images in the index after the run
     seconds: float = 0.0
     model_seconds: float = 0.0  # of which running the model
@@ -72,10 +73,12 @@ class IndexSummary:
                 f"{count} {kind}" for kind, count in sorted(kinds.items(), key=lambda kc: (-kc[1], kc[0]))
             )
             lines.append(f"  skipped {len(self.skipped)} ({what}), listed in {self.failure_log}")
-        if self.excluded:
+        if self.hidden:
             lines.append(
-                f"  excluded {self.excluded} hidden or system files and folders (--include-hidden walks them)"
+                f"  excluded {self.hidden} hidden or system files and folders (--include-hidden walks them)"
             )
+        if self.excluded > self.hidden:
+            lines.append(f"  excluded {self.excluded - self.hidden} files and folders matching --exclude")
         return "\n".join(lines)
 
 

@@ -235,19 +235,34 @@ DEFAULT_EXCLUDES: tuple[str, ...] = (
 class FolderWalk:
     """Which files and folders under the indexed folder are walked. A pattern (fnmatch, case-sensitive)
     matches a name, or with a "/" in it the path relative to the folder; an excluded folder is not
-    entered. Excluded files are counted in the summary, not listed."""
+    entered. Excluded files are counted in the summary (hidden ones apart), not listed."""
 
     include_hidden: bool = False  # walk DEFAULT_EXCLUDES too
     exclude: tuple[str, ...] = ()  # more patterns, as `dinobridge index --exclude` gives them
 
-    def excludes(self, relative: str, name: str) -> bool:
-        patterns = self.exclude if self.include_hidden else DEFAULT_EXCLUDES + self.exclude
-        return any(fnmatch.fnmatchcase(relative if "/" in p else name, p) for p in patterns)
+    def excluded_by(self, relative: str, name: str) -> str | None:
+        """Why the walk passes over `name` at `relative`: "exclude" (a pattern given), "hidden" (a
+        DEFAULT_EXCLUDES name), or None: it is walked. The user's patterns are asked first, so that a
+        summary counts what they excluded as theirs."""
+
+        def matches(patterns: tuple[str, ...]) -> bool:
+            return any(fnmatch.fnmatchcase(relative if "/" in p else name, p) for p in patterns)
+
+        if matches(self.exclude):
+            return "exclude"
+        return "hidden" if not self.include_hidden and matches(DEFAULT_EXCLUDES) else None
+
+    def count_excluded(self, relative: str, name: str, summary: IndexSummary) -> bool:
+        """Whether the walk passes over `name`; if so, counted in `summary` by why."""
+        why = self.excluded_by(relative, name)
+        summary.excluded += why is not None
+        summary.hidden += why == "hidden"
+        return why is not None
 
 
 def _image_files(root: Path, walk: FolderWalk, summary: IndexSummary) -> Iterator[Path]:
     """Supported image files under `root`, recursively, sorted. Excluded names (`walk`) are counted in
-    `summary.excluded`; other files that are not images, with the reason, in `summary.skipped`; folders
+    `summary.excluded` (and `summary.hidden`); other files that are not images, with the reason, in `summary.skipped`; folders
     that cannot be listed in `summary.failed`. Links are followed, to files and to folders, but a folder
     is walked once whatever the links to it (found by device and inode), so a link loop ends."""
 
@@ -261,8 +276,7 @@ def _image_files(root: Path, walk: FolderWalk, summary: IndexSummary) -> Iterato
         entered = []
         for name in sorted(subfolders):
             path = Path(folder, name)
-            if walk.excludes((relative / name).as_posix(), name):
-                summary.excluded += 1
+            if walk.count_excluded((relative / name).as_posix(), name, summary):
                 continue
             try:
                 stat = path.stat()
@@ -282,9 +296,9 @@ def _image_files(root: Path, walk: FolderWalk, summary: IndexSummary) -> Iterato
         subfolders[:] = entered  # os.walk enters only these
         for name in sorted(files):
             path = Path(folder, name)
-            if walk.excludes((relative / name).as_posix(), name):
-                summary.excluded += 1
-            elif reason := not_an_image_reason(name):
+            if walk.count_excluded((relative / name).as_posix(), name, summary):
+                continue
+            if reason := not_an_image_reason(name):
                 summary.skipped.append((str(path), reason))
             else:
                 yield path

@@ -141,10 +141,26 @@ def test_include_hidden_and_exclude_change_what_is_walked(tmp_path: Path, tiny_b
         "plain.jpg",
     ]
     assert index.summary.excluded == 2  # "phone" and "deep/shot.png"; "shortcut" is the walked "deep"
+    assert str(index.summary).splitlines()[-1] == "  excluded 2 files and folders matching --exclude"
     log = (tmp_path / "index" / "failures.log").read_text()
     assert f"{folder / '.DS_Store'}: no extension: not read as an image" in log
     assert f"{folder / 'Thumbs.db'}: unknown extension '.db'" in log
     assert "IMG_0005.MOV" not in log  # inside the excluded folder: not walked at all
+
+
+def test_the_summary_counts_what_exclude_passed_over_apart_from_hidden_files(
+    tmp_path: Path, tiny_bridge
+) -> None:
+    folder = tmp_path / "photos"
+    photo_library(folder)
+    index = ImageIndex.build(
+        folder, tiny_bridge, tmp_path / "index", workers=0, progress=False, exclude=["phone"]
+    )
+    assert (index.summary.excluded, index.summary.hidden) == (6, 5)
+    assert str(index.summary).splitlines()[-2:] == [
+        "  excluded 5 hidden or system files and folders (--include-hidden walks them)",
+        "  excluded 1 files and folders matching --exclude",
+    ]
 
 
 def test_walking_a_folder_made_only_of_links_ends(tmp_path: Path, tiny_bridge) -> None:
