@@ -29,9 +29,9 @@ import torch
 from tqdm.auto import tqdm
 
 from bridge.decoding import decode_jpegs, gpu_decodable, ordered_map, pixel_batch, split_cores, usable_cores
-from bridge.images import ImageLoadError, not_an_image_reason, try_load_image
+from bridge.images import SUPPORTED_EXTENSIONS, ImageLoadError, not_an_image_reason, try_load_image
 from bridge.index import IndexSummary, embed_images
-from bridge.index_files import FAILURE_LOG, FileRecord, IndexStore, Part, Shard, write_atomic
+from bridge.index_files import FAILURE_LOG, MANIFEST, FileRecord, IndexStore, Part, Shard, write_atomic
 from bridge.index_lock import index_lock
 from bridge.runtime import processes
 
@@ -61,7 +61,10 @@ def update_index(
     started, summary, state = time.perf_counter(), IndexSummary(), processes()
     rank, world = state.process_index, state.num_processes
     with _taking_over(store, state):
-        tasks, gone = _scan(root, store, summary if rank == 0 else IndexSummary(), walk or FolderWalk())
+        walked = summary if rank == 0 else IndexSummary()
+        tasks, gone = _scan(root, store, walked, walk or FolderWalk())
+        if not (tasks or store.live or (store.directory / MANIFEST).is_file()):
+            raise ValueError(_nothing_to_index(root, walked))  # a new index of no images: say why
         tasks = tasks[rank::world]
         part = Part(store.directory, rank, world, store.manifest["next_shard"]) if world > 1 else None
         commit = store.commit if part is None else part.add
@@ -213,6 +216,22 @@ def _scan(
             known = old.sha256 if old else None
             tasks.append((str(path), relative, stat.st_size, stat.st_mtime_ns, known))
     return tasks, [store.live[relative] for relative in store.live if relative not in seen]
+
+
+def _nothing_to_index(root: Path, walked: IndexSummary) -> str:
+    """Why a walk of `root` found no image, in one line: what it looked for and what it passed over.
+    (An index whose images were all deleted since is an update, not this.)"""
+    passed = [f"{len(walked.skipped)} files that are not images"] if walked.skipped else []
+    if walked.hidden:
+        passed.append(f"{walked.hidden} hidden or system names (--include-hidden walks them)")
+    if walked.excluded > walked.hidden:
+        passed.append(f"{walked.excluded - walked.hidden} names matching --exclude")
+    if walked.failed:
+        path, reason = walked.failed[0]
+        passed.append(f"{len(walked.failed)} unreadable ('{path}': {reason})")
+    extensions = " ".join(sorted(SUPPORTED_EXTENSIONS))
+    found = f"it passed over {', '.join(passed)}" if passed else "the folder is empty"
+    return f"no images to index in folder '{root}': looked for {extensions} files; {found}"
 
 
 # Names that are no one's photos: hidden files and folders (".git", ".DS_Store", ".Trash", editors'

@@ -91,6 +91,15 @@ def index(w: World, *extra: str) -> list[str]:
     return ["index", str(w.photos), "--model", str(w.bridge), "--out", str(w.scratch / "i"), *extra]
 
 
+def index_folder(w: World, *files: str, extra: tuple[str, ...] = ()) -> list[str]:
+    """`dinobridge index` of a scratch folder holding `files` (empty ones) into a fresh --out."""
+    folder = w.scratch / "folder"
+    folder.mkdir()
+    for name in files:
+        w.write(f"folder/{name}", "")
+    return ["index", str(folder), "--model", str(w.bridge), "--out", str(w.scratch / "i"), *extra]
+
+
 def segment(w: World, classes: str, *extra: str) -> list[str]:
     return [
         "segment",
@@ -447,6 +456,26 @@ ROWS: list[Row] = [
         "index-precision-bogus",
         lambda w: index(w, "--precision", "fp12"),
         r"fp12",
+    ),
+    ("index-folder-empty", lambda w: index_folder(w), r"folder'.*\.jpg.*the folder is empty"),
+    (
+        "index-folder-of-text-files",
+        lambda w: index_folder(w, "a.txt", "b.txt", ".DS_Store"),
+        r"folder'.*\.jpg.*2 files that are not images, 1 hidden or system names \(--include-hidden",
+    ),
+    (
+        "index-exclude-everything",
+        lambda w: [
+            "index",
+            str(w.photos),
+            "--model",
+            str(w.bridge),
+            "--out",
+            str(w.scratch / "i"),
+            "--exclude",
+            "*",
+        ],
+        r"photos'.*\.png.*3 names matching --exclude",
     ),
     (
         "index-another-folder",
