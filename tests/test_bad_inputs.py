@@ -465,16 +465,7 @@ ROWS: list[Row] = [
     ),
     (
         "index-exclude-everything",
-        lambda w: [
-            "index",
-            str(w.photos),
-            "--model",
-            str(w.bridge),
-            "--out",
-            str(w.scratch / "i"),
-            "--exclude",
-            "*",
-        ],
+        lambda w: index(w, "--exclude", "*"),
         r"photos'.*\.png.*3 names matching --exclude",
     ),
     (
