@@ -60,8 +60,9 @@ TOKEN_COOKIE = "dinobridge_token"
 STATIC = Path(__file__).parent / "static"
 # Torch threads per server process. Measured on a 2-core machine with another job running, 200 text
 # searches took p50 508 ms with torch's default threads and 20 ms with one: threads that contend for
-# busy cores wait on each other at every operation. Concurrent queries are the parallelism instead: text
-# queries by the NumPy twin run side by side, one run a core, and the rest take turns on the model.
+# busy cores wait on each other at every operation. Concurrent queries are the parallelism instead: new
+# texts are embedded by the NumPy twin in packed runs beside the event loop (RememberedTexts), and the
+# rest take turns on the model.
 # Under 8 clients over 100,000 images (benchmarks/serve.py, 2026-12-04): 210 requests/s with one thread,
 # 184 with torch's default (2026-12-03, before the runs were packed: 77 and 63).
 SERVE_THREADS = 1
@@ -148,15 +149,21 @@ class RememberedTexts:
 
     Where the tower has a NumPy twin (numpy_text.py), new texts from concurrent requests are embedded
     together: the twin runs the texts of one call as one packed forward pass, 5.4-5.7 ms a text for 8
-    against 10-11 ms alone (MiniLM, 12 tokens, one core). At most `runs` embedding runs go at a time (one a
-    core); a request whose texts are not yet taken waits for a run to end and then takes everything waiting,
-    its own texts and other requests', so a run packs whatever queued behind the one before."""
+    against 10-11 ms alone (MiniLM, 12 tokens, one core). At most `runs` embedding runs go at a time, by
+    default one on every core but one: the event loop, the searches and the pages keep a core busy. A
+    request whose texts are not yet taken waits for a run to end and then takes everything waiting, its own
+    texts and other requests', so a run packs whatever queued behind the one before.
+
+    On 2 cores, under 8 clients over 100,000 images, one run against two (five interleaved pairs of runs,
+    a scratch probe of benchmarks/serve.py's mix): new-text p99 108-143 ms against 161-224, requests/s
+    higher in four of five, server CPU a request 4.4-5.5 against 5.5-6.9 ms. A second run halves the
+    packs, which costs more a text, and competes with the event loop for the second core."""
 
     def __init__(
         self, bridge: TextBridge, twin: TextQueryEncoder | None, size: int = 4096, runs: int | None = None
     ):
         self.bridge, self.twin, self.size = bridge, twin, size
-        self.runs = runs or os.cpu_count() or 1
+        self.runs = runs or max(1, (os.cpu_count() or 1) - 1)
         self._embeddings: OrderedDict[str, np.ndarray] = OrderedDict()  # text -> (E,), least recent first
         self._waiting: dict[str, None] = {}  # texts asked for that no run has taken yet, in order
         self._taken: set[str] = set()  # texts a run is embedding
