@@ -510,6 +510,19 @@ def _checksums(directory: Path, shard: Shard) -> dict[str, str]:
 # --- reading ----------------------------------------------------------------------------------------------
 
 
+# Every name an index writes in its directory (the table above, a damaged manifest kept aside, and each
+# while written, as ".tmp"): a walk of a folder that is also the index's directory passes over them.
+_INDEX_FILE = re.compile(
+    r"(manifest\.json(\.damaged-.+)?|shard-\d+\.(rows\.jsonl|text\.npy|image\.npy)|failures\.log"
+    r"|faiss-.+\.npz|part-\d+\.json|writer\.lock)(\.tmp)?"
+)
+
+
+def is_index_file(name: str) -> bool:
+    """Whether a file named `name` in an index's directory is one of the index's own files."""
+    return _INDEX_FILE.fullmatch(name) is not None
+
+
 def image_id(relative_path: str) -> str:
     """The id of an indexed file (what `dinobridge serve` and `dinobridge export` call it): stable while the
     file keeps its path, and no path in itself."""

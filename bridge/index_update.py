@@ -31,7 +31,16 @@ from tqdm.auto import tqdm
 from bridge.decoding import decode_jpegs, gpu_decodable, ordered_map, pixel_batch, split_cores, usable_cores
 from bridge.images import SUPPORTED_EXTENSIONS, ImageLoadError, not_an_image_reason, try_load_image
 from bridge.index import IndexSummary, embed_images
-from bridge.index_files import FAILURE_LOG, MANIFEST, FileRecord, IndexStore, Part, Shard, write_atomic
+from bridge.index_files import (
+    FAILURE_LOG,
+    MANIFEST,
+    FileRecord,
+    IndexStore,
+    Part,
+    Shard,
+    is_index_file,
+    write_atomic,
+)
 from bridge.index_lock import index_lock
 from bridge.runtime import processes
 
@@ -200,7 +209,7 @@ def _scan(
     """Walk the folder: (files to read, rows of files gone). Files whose size and mtime match their
     record count as unchanged unread; files that cannot even be stat'ed count as failed."""
     tasks, seen = [], set()
-    for path in _image_files(root, walk, summary):
+    for path in _image_files(root, walk, summary, store.directory):
         relative = path.relative_to(root).as_posix()
         try:
             stat = path.stat()
@@ -279,17 +288,31 @@ class FolderWalk:
         return why is not None
 
 
-def _image_files(root: Path, walk: FolderWalk, summary: IndexSummary) -> Iterator[Path]:
+def _image_files(
+    root: Path, walk: FolderWalk, summary: IndexSummary, index_dir: Path | None = None
+) -> Iterator[Path]:
     """Supported image files under `root`, recursively, sorted. Excluded names (`walk`) are counted in
     `summary.excluded` (and `summary.hidden`); other files that are not images, with the reason, in `summary.skipped`; folders
     that cannot be listed in `summary.failed`. Links are followed, to files and to folders, but a folder
-    is walked once whatever the links to it (found by device and inode), so a link loop ends."""
+    is walked once whatever the links to it (found by device and inode), so a link loop ends.
+
+    The index's own files are no one's photos: its directory `index_dir` and the thumbnails a server
+    caches beside it (`<index_dir>.thumbnails`, serve.py) are not entered when inside `root`, and where
+    `index_dir` is `root` itself, the index's files there are passed over unreported."""
 
     def unlisted(error: OSError) -> None:
         summary.failed.append((str(error.filename), f"cannot list the folder ({error.strerror or error})"))
 
     stat = root.stat()
     walked = {(stat.st_dev, stat.st_ino): root}
+    own = set()  # (device, inode) of the index's folders
+    if index_dir is not None:
+        index_dir = index_dir.resolve()
+        for folder in (index_dir, index_dir.with_name(index_dir.name + ".thumbnails")):
+            with contextlib.suppress(OSError):  # not made yet
+                found = folder.stat()
+                own.add((found.st_dev, found.st_ino))
+    index_is_root = (stat.st_dev, stat.st_ino) in own
     for folder, subfolders, files in os.walk(root, onerror=unlisted, followlinks=True):
         relative = Path(folder).relative_to(root)
         entered = []
@@ -301,6 +324,8 @@ def _image_files(root: Path, walk: FolderWalk, summary: IndexSummary) -> Iterato
                 stat = path.stat()
             except OSError as error:  # gone since it was listed, or a link that stopped resolving
                 unlisted(error)
+                continue
+            if (stat.st_dev, stat.st_ino) in own:
                 continue
             first = walked.setdefault((stat.st_dev, stat.st_ino), path)
             if first != path:
@@ -316,6 +341,8 @@ def _image_files(root: Path, walk: FolderWalk, summary: IndexSummary) -> Iterato
         for name in sorted(files):
             path = Path(folder, name)
             if walk.count_excluded((relative / name).as_posix(), name, summary):
+                continue
+            if index_is_root and relative == Path(".") and is_index_file(name):
                 continue
             if reason := not_an_image_reason(name):
                 summary.skipped.append((str(path), reason))

@@ -204,3 +204,24 @@ def test_walking_a_folder_made_only_of_links_ends(tmp_path: Path, tiny_bridge) -
 def test_not_an_image_reason_goes_by_extension(name: str, start: str | None) -> None:
     reason = not_an_image_reason(name)
     assert reason is None if start is None else reason.startswith(start)
+
+
+@pytest.mark.parametrize("inside", ["index", "."])
+def test_an_index_kept_inside_its_folder_does_not_index_itself(tmp_path: Path, tiny_bridge, inside) -> None:
+    """--out under the folder, or the folder itself: a rerun neither lists the index's files as skipped
+    nor indexes the JPEG thumbnails a server caches beside the index."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for seed in range(2):
+        (folder / f"{seed}.jpg").write_bytes(jpeg(seed))
+    (folder / "notes.txt").write_text("mine")
+    out = folder / inside
+    for _ in range(2):
+        index = ImageIndex.build(folder, tiny_bridge, out, workers=0, progress=False)
+        thumbnails = out.resolve().with_name(out.resolve().name + ".thumbnails") / "ab"
+        thumbnails.mkdir(parents=True, exist_ok=True)
+        (thumbnails / "ab12-256.jpg").write_bytes(jpeg(7))
+    assert sorted(index.paths) == ["0.jpg", "1.jpg"]
+    assert (
+        out / "failures.log"
+    ).read_text() == f"{folder / 'notes.txt'}: unknown extension '.txt': not an image the index reads\n"
