@@ -112,13 +112,40 @@ COCO_IMAGES = [{"id": 1, "file_name": "a.jpg"}, {"id": 2, "file_name": "b.jpg"}]
             {"images": COCO_IMAGES, "annotations": {"0": {}}},
             "needs an object with 'images' and 'annotations' lists",
         ),
-        ([COCO_IMAGES], "not a COCO captions file"),
+        ([COCO_IMAGES], "record #0: expected an object"),
+        ({"images": COCO_IMAGES}, r"not a COCO captions file: .*or a list of \{\"image\""),
     ],
 )
 def test_a_malformed_coco_file_names_the_annotation_or_image(images, coco, message):
     (images / "captions.json").write_text(json.dumps(coco))
     with pytest.raises(DataError, match=rf"captions\.json: .*{message}"):
         load_pairs(str(images / "captions.json"))
+
+
+def test_a_json_list_of_records_reads_as_a_jsonl_of_them(images):
+    records = [{"image": "a.jpg", "caption": "a red circle"}, {"image": "b.jpg", "captions": ["x", "y"]}]
+    (images / "pairs.json").write_text(json.dumps(records))
+    (images / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    from_json, from_jsonl = load_pairs(str(images / "pairs.json")), load_pairs(str(images / "pairs.jsonl"))
+    assert [(p.image, p.captions) for p in from_json] == [(p.image, p.captions) for p in from_jsonl]
+    assert [p.captions for p in from_json] == [["a red circle"], ["x", "y"]]
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be"])
+def test_a_utf16_file_with_its_byte_order_mark_is_read(images, encoding):
+    data = images / "pairs.csv"
+    text = "image,caption\na.jpg,un café rouge\n"
+    data.write_bytes(("\ufeff" + text if encoding == "utf-16-be" else text).encode(encoding))
+    assert [p.captions for p in load_pairs(str(data))] == [["un café rouge"]]
+
+
+def test_a_csv_header_typed_with_spaces_after_the_commas_is_read(images):
+    data = images / "pairs.csv"
+    data.write_text('image, caption\na.jpg, a red circle\nb.jpg, "a dog, running"\n')
+    assert [(p.image, p.captions) for p in load_pairs(str(data))] == [
+        (str(images / "a.jpg"), ["a red circle"]),
+        (str(images / "b.jpg"), ["a dog, running"]),
+    ]
 
 
 def test_a_csv_saved_by_excel_with_a_byte_order_mark_is_read(images):

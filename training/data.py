@@ -12,6 +12,7 @@ Not here: decoding pixels (bridge/images.py) or features (training/cache.py).
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import json
@@ -217,15 +218,19 @@ def parse_synthetic_spec(spec: str) -> tuple[int, int]:
 
 
 def read_text(path: Path) -> str:
-    """A data file's text: UTF-8, with or without the byte-order mark Excel and Notepad write. Any other
-    encoding is refused with the file, line and byte named, never decoded as something it is not."""
+    """A data file's text: UTF-8, with or without the byte-order mark Excel and Notepad write, or UTF-16
+    with its byte-order mark. Any other encoding is refused with the file, line and byte named, never
+    decoded as something it is not."""
     data = path.read_bytes()
+    # Excel's "Unicode Text" and PowerShell's Out-File write UTF-16, always with a byte-order mark.
+    utf16 = data[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
     try:
-        text = data.decode("utf-8-sig")
+        text = data.decode("utf-16" if utf16 else "utf-8-sig")
     except UnicodeDecodeError as error:
         line = data.count(b"\n", 0, error.start) + 1
         raise DataError(
-            f"{path}:{line}: not UTF-8 text (byte 0x{data[error.start]:02x} at offset {error.start:,}); "
+            f"{path}:{line}: not {'UTF-16' if utf16 else 'UTF-8'} text "
+            f"(byte 0x{data[error.start]:02x} at offset {error.start:,}); "
             "re-save the file as UTF-8 (Excel: 'CSV UTF-8'; or iconv -f latin1 -t utf-8)"
         ) from None
     if not text.strip():
@@ -300,20 +305,27 @@ def _read_jsonl(path: Path, image_root: Path | None) -> list[Pair]:
             record = json.loads(line)
         except json.JSONDecodeError as error:
             raise DataError(f"{origin}: not valid JSON ({error.msg})") from None
-        if not isinstance(record, dict):
-            raise DataError(
-                f'{origin}: expected an object {{"image": "path", "caption": "..."}}, got {_shown(record)}'
-            )
-        if "image" not in record:
-            raise DataError(f'{origin}: has no "image" key; expected {{"image": "path", "caption": "..."}}')
-        pairs.append(Pair(_image_path(base, record["image"], origin), _captions(record, origin), origin))
+        pairs.append(_record_pair(record, base, origin))
     return pairs
+
+
+def _record_pair(record, base: Path, origin: str) -> Pair:
+    """One {"image": path, "caption" or "captions": ...} record: a line of .jsonl, an item of a .json list."""
+    if not isinstance(record, dict):
+        raise DataError(
+            f'{origin}: expected an object {{"image": "path", "caption": "..."}}, got {_shown(record)}'
+        )
+    if "image" not in record:
+        raise DataError(f'{origin}: has no "image" key; expected {{"image": "path", "caption": "..."}}')
+    return Pair(_image_path(base, record["image"], origin), _captions(record, origin), origin)
 
 
 def _read_csv(path: Path, image_root: Path | None) -> list[Pair]:
     base = image_root or path.parent
-    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""), skipinitialspace=True)
     try:
+        if reader.fieldnames:  # "image, caption", as people type a header
+            reader.fieldnames = [name.strip() for name in reader.fieldnames]
         if not reader.fieldnames or not {"image", "caption"} <= set(reader.fieldnames):
             raise DataError(
                 f"{path}: needs a header with 'image' and 'caption' columns, got {reader.fieldnames}"
@@ -344,14 +356,19 @@ def _read_csv(path: Path, image_root: Path | None) -> list[Pair]:
 
 
 def _read_coco(path: Path, image_root: Path | None) -> list[Pair]:
+    """A COCO captions file, or a JSON list of the records a .jsonl holds a line each."""
     data = _read_json(path)
+    if isinstance(data, list):
+        base = image_root or path.parent
+        return [_record_pair(record, base, f"{path}: record #{number}") for number, record in enumerate(data)]
     if not (
         isinstance(data, dict)
         and isinstance(data.get("images"), list)
         and isinstance(data.get("annotations"), list)
     ):
         raise DataError(
-            f"{path}: not a COCO captions file: needs an object with 'images' and 'annotations' lists"
+            f"{path}: not a COCO captions file: needs an object with 'images' and 'annotations' lists "
+            '(or a list of {"image": "path", "caption": "..."} records)'
         )
     images: dict[int | str, str] = {}
     for number, item in enumerate(data["images"]):
