@@ -130,6 +130,11 @@ Row = tuple[str, Callable[[World], list[str]], str]
 ROWS: list[Row] = [
     # ---- train: data files ----
     ("train-data-missing", lambda w: train(w, str(w.scratch / "nowhere.jsonl")), r"nowhere\.jsonl"),
+    (
+        "train-data-a-folder-of-captioned-images",
+        lambda w: train(w, str(Path(pairs(w, "a red circle", "photo.txt")).parent)),
+        r"holds no \.tar shards; --data takes .*\.txt list of shards, or a file that lists images and captions",
+    ),
     ("train-data-empty", lambda w: train(w, pairs(w, "")), r"pairs\.jsonl"),
     (
         "train-jsonl-image-int",

@@ -66,7 +66,11 @@ def shard_urls(spec: str) -> list[str]:
     if Path(spec).is_dir():
         urls = sorted(str(path) for path in Path(spec).glob("*.tar"))
         if not urls:
-            raise DataError(f"folder '{spec}' holds no .tar shards")
+            raise DataError(
+                f"folder '{spec}' holds no .tar shards; --data takes a folder of webdataset .tar shards, a "
+                "shard pattern ('shards/{00000..00127}.tar'), a .txt list of shards, or a file that lists "
+                "images and captions (pairs.jsonl, pairs.csv, a COCO captions .json)"
+            )
         return urls
     if spec.endswith(".txt"):
         listing = Path(spec)
