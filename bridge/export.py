@@ -46,8 +46,13 @@ def export_parquet(
     except ImportError:  # an optional dependency: one line that says how to get it
         raise ValueError('exporting to Parquet needs pyarrow: pip install "dinobridge[export]"') from None
 
-    index = index if isinstance(index, ImageIndex) else ImageIndex.load(index)
     path = Path(path)
+    if path.suffix.lower() not in ("", ".parquet"):  # a .csv holding Parquet would fool whoever opens it
+        raise ValueError(
+            f"'{path}' ends in '{path.suffix}', but export writes Parquet; name the file "
+            f"'{path.with_suffix('.parquet')}'"
+        )
+    index = index if isinstance(index, ImageIndex) else ImageIndex.load(index)
     if path.is_dir():
         raise IsADirectoryError(
             f"'{path}' is a directory; give the Parquet file to write, e.g. {path}/index.parquet"
@@ -96,6 +101,11 @@ def export_parquet(
                     arrays.append(pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1]))
                 writer.write_batch(pa.record_batch(arrays, schema=schema))
         os.replace(temporary, path)
+    except OSError as error:  # pyarrow's own words name the temporary file, which the user never gave
+        reason = os.strerror(error.errno).lower() if error.errno else "the file cannot be written"
+        raise ValueError(
+            f"cannot write '{path}' ({reason}); give a path in a folder you can write to"
+        ) from None
     finally:
         temporary.unlink(missing_ok=True)
     return len(paths)

@@ -106,3 +106,29 @@ def test_export_refuses_a_directory_and_an_unknown_space(photo_index, tmp_path: 
     with pytest.raises(ValueError, match="space must be one of text, image, both, got 'patch'"):
         export_parquet(index, tmp_path / "x.parquet", space="patch")
     assert not list(tmp_path.iterdir())  # nothing written, not even a temporary file
+
+
+def test_export_refuses_another_suffix_and_names_an_unwritable_path(
+    photo_index, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    index, _ = photo_index
+    assert dinobridge(["export", str(index.directory), str(tmp_path / "out.csv")]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"dinobridge export: error: '{tmp_path / 'out.csv'}' ends in '.csv', but export writes Parquet; "
+        f"name the file '{tmp_path / 'out.parquet'}'"
+    )
+
+    import pyarrow.parquet as pq
+
+    def refused(where, schema):  # what pyarrow raises for a folder it may not write to
+        raise PermissionError(
+            13, f"Failed to open local file '{where}'. Detail: [errno 13] Permission denied"
+        )
+
+    monkeypatch.setattr(pq, "ParquetWriter", refused)
+    assert dinobridge(["export", str(index.directory), str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"dinobridge export: error: cannot write '{tmp_path / 'out'}' (permission denied); "
+        "give a path in a folder you can write to"
+    )
+    assert not list(tmp_path.iterdir())
