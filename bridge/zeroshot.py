@@ -30,8 +30,15 @@ PROMPT_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.
 
 
 def check_class_names(class_names: Sequence[str]) -> list[str]:
-    """The class names, stripped; an empty list or a blank name is an error that says which one."""
-    return check_texts(class_names, "class name", '--classes "cat,dog"')
+    """The class names, stripped; an empty list, a blank name or a name given twice is an error that
+    says which one (two classes of one name would split its pixels or images between them)."""
+    names = check_texts(class_names, "class name", '--classes "cat,dog"')
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(
+            f"class name {', '.join(repr(name) for name in repeated)} given more than once; give each class once"
+        )
+    return names
 
 
 def encode_class_names(

@@ -616,6 +616,11 @@ ROWS: list[Row] = [
         r"class",
     ),
     (
+        "segment-classes-repeated",
+        lambda w: segment(w, "cat,dog, cat"),
+        r"class name 'cat' given more than once",
+    ),
+    (
         "segment-classes-blank-item",
         lambda w: segment(w, "cat, ,dog"),
         r"class",
