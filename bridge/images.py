@@ -221,8 +221,9 @@ def _decode(image: Image.Image, name: str, max_pixels: int, short_side: int | No
     if width * height > max_pixels:
         raise ImageLoadError(
             name,
+            # Both remedies: the command line has no option for the limit; a library caller has one.
             f"too large: {width}x{height} = {width * height:,} pixels, over the limit of {max_pixels:,}; "
-            f"pass max_pixels={width * height:_} or more to allow it",
+            f"shrink it under the limit (in Python, load_image's max_pixels={width * height:_} allows it)",
         )
     try:
         image.getexif()  # before decoding: a multi-page TIFF drops its file once loaded (Pillow 10.0)
