@@ -182,6 +182,9 @@ def test_a_corrupt_image_is_skipped_and_counted_never_a_crash(photo_folder):
     assert len(result.skipped) == 1
     origin, reason = result.skipped[0]
     assert origin.endswith("pairs.jsonl:6") and "not an image" in reason
+    assert reason.startswith(
+        f"image '{photo_folder / 'photos' / 'scene05.jpg'}': "
+    )  # the file, not just the line
     assert len(result.losses) == 4 and all(loss == loss for loss in result.losses)  # no NaN
 
 

@@ -105,6 +105,12 @@ class _Chunks:
         return out
 
 
+def _skipped(pair: Pair, reason: str) -> tuple[str, str]:
+    """(origin, reason) of a pair whose image was skipped; a file is named by its path, which the data
+    line gives only relative to the data file's folder (a scene or shard member names itself by origin)."""
+    return pair.origin, f"image '{pair.image}': {reason}" if isinstance(pair.image, str) else reason
+
+
 @dataclass
 class CachedFeatures:
     """Features of the pairs whose images loaded; `pairs[i]` goes with row i. Gathers batches lazily."""
@@ -150,8 +156,8 @@ class EncodedFeatures:
                 if reason is None:
                     kept.append(pair)
                 else:
-                    failures.append((pair.origin, reason))
-                    log.warning("skipped %s: %s", pair.origin, reason)
+                    failures.append(_skipped(pair, reason))
+                    log.warning("skipped %s: %s", *failures[-1])
             bar.update(len(batch))
         bar.close()
         return cls(kept, failures, encoder, workers)
@@ -220,7 +226,7 @@ class FeatureCache:
         failed = self.fill(pairs, batch_size, workers, progress)
         keys = [pair.key for pair in pairs]
         kept = [i for i, key in enumerate(keys) if key in self.store.where]
-        failures = [(pairs[i].origin, failed[key]) for i, key in enumerate(keys) if key in failed]
+        failures = [_skipped(pairs[i], failed[key]) for i, key in enumerate(keys) if key in failed]
         for origin, reason in failures:
             log.warning("skipped %s: %s", origin, reason)
         locations = np.array([self.store.where[keys[i]] for i in kept], dtype=np.int64).reshape(-1, 2)
