@@ -63,8 +63,8 @@ STATIC = Path(__file__).parent / "static"
 # busy cores wait on each other at every operation. Concurrent queries are the parallelism instead: new
 # texts are embedded by the NumPy twin in packed runs beside the event loop (RememberedTexts), and the
 # rest take turns on the model.
-# Under 8 clients over 100,000 images (benchmarks/serve.py, 2026-12-04): 210 requests/s with one thread,
-# 184 with torch's default (2026-12-03, before the runs were packed: 77 and 63).
+# Under 8 clients over 100,000 images (benchmarks/serve.py, 2026-12-04): 263 requests/s with one thread,
+# 250 with torch's default (2026-12-03, before the runs were packed: 77 and 63).
 SERVE_THREADS = 1
 PAGE = 24  # results a page unless asked: four rows of six thumbnails
 PACK_TEXTS = 16  # new query texts embedded in one run at most (a run of 8 costs about 4 alone)
