@@ -573,14 +573,15 @@ def create_app(
         # A search found before is answered here on the event loop: the hop to a worker thread and back
         # cost more than the answer (py-spy, benchmarks/serve.py). New work goes to a worker thread.
         snapshot = live.current_if_unchanged()
-        if snapshot is not None:
-            texts, minus, indexed = checked(query, snapshot, upload=False)
-            depth = query.offset + page_size(query)
-            begun = time.perf_counter()
-            found = searches.remembered(snapshot, texts, minus, indexed, depth)
-            if found is not None:
-                return results_page(query, snapshot, texts, found, time.perf_counter() - begun)
-        return await run_in_threadpool(run_search, query, None)
+        if snapshot is None:  # a new generation to open first, which takes seconds
+            return await run_in_threadpool(run_search, query, None)
+        texts, minus, indexed = checked(query, snapshot, upload=False)
+        depth = query.offset + page_size(query)
+        begun = time.perf_counter()
+        found = searches.remembered(snapshot, texts, minus, indexed, depth)
+        if found is None:  # embedding and searching: in a worker thread
+            found = await run_in_threadpool(searches.search, snapshot, texts, minus, indexed, None, depth)
+        return results_page(query, snapshot, texts, found, time.perf_counter() - begun)
 
     @app.post(
         "/api/search",
