@@ -292,8 +292,8 @@ def _image_files(
     root: Path, walk: FolderWalk, summary: IndexSummary, index_dir: Path | None = None
 ) -> Iterator[Path]:
     """Supported image files under `root`, recursively, sorted. Excluded names (`walk`) are counted in
-    `summary.excluded` (and `summary.hidden`); other files that are not images, with the reason, in `summary.skipped`; folders
-    that cannot be listed in `summary.failed`. Links are followed, to files and to folders, but a folder
+    `summary.excluded` (and `summary.hidden`); other files that are not images, with the reason, in
+    `summary.skipped`; folders that cannot be listed in `summary.failed`. Links are followed, to files and to folders, but a folder
     is walked once whatever the links to it (found by device and inode), so a link loop ends.
 
     The index's own files are no one's photos: its directory `index_dir` and the thumbnails a server
